@@ -1,0 +1,73 @@
+"""Score a saved model on the test split: metrics, per-class report, confusion data, plots."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import keras
+import numpy as np
+from sklearn.metrics import classification_report, confusion_matrix, log_loss
+
+from cifar_pipeline import atomic, plots
+from cifar_pipeline.backbones import ImageNetPreprocessing  # noqa: F401  registers the layer for loading
+from cifar_pipeline.prepare import load_meta, load_split
+
+
+def predict_proba(model: keras.Model, images: np.ndarray, batch_size: int, tta_flip: bool) -> np.ndarray:
+    """Class probabilities; with `tta_flip`, averaged with those of the mirrored images."""
+    probs = model.predict(images, batch_size=batch_size, verbose=0)
+    if tta_flip:
+        probs = (probs + model.predict(images[:, :, ::-1], batch_size=batch_size, verbose=0)) / 2
+    probs = probs.astype(np.float64)
+    # float32 softmax sums drift from 1 by ~1e-7, which sklearn's log_loss warns about.
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+def score(labels: np.ndarray, probs: np.ndarray, class_names: list[str]) -> dict:
+    """Accuracy, log loss, top-5 accuracy (when > 5 classes) and per-class precision/recall/F1."""
+    predicted = probs.argmax(axis=1)
+    classes = np.arange(len(class_names))
+    report = classification_report(labels, predicted, labels=classes, target_names=class_names,
+                                   output_dict=True, zero_division=0)
+    metrics = {
+        "accuracy": round(float((predicted == labels).mean()), 4),
+        "loss": round(float(log_loss(labels, np.clip(probs, 1e-12, 1), labels=classes)), 4),
+        "macro_f1": round(report["macro avg"]["f1-score"], 4),
+        "per_class": {name: {k: round(report[name][k], 4) for k in ("precision", "recall", "f1-score")}
+                      for name in class_names},
+    }
+    if len(class_names) > 5:
+        top5 = np.argsort(probs, axis=1)[:, -5:]
+        metrics["top5_accuracy"] = round(float((top5 == labels[:, None]).any(axis=1).mean()), 4)
+    return metrics
+
+
+def write_predictions_csv(path: Path, labels: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> None:
+    """One row per test image: the data DVC's confusion template draws."""
+    with atomic.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows((class_names[a], class_names[p]) for a, p in zip(labels, predicted))
+
+
+def evaluate(*, model_path: Path, prepared_dir: Path, name: str, metrics_path: Path,
+             predictions_path: Path, confusion_png: Path, misclassified_png: Path,
+             batch_size: int, tta_flip: bool, misclassified: int) -> dict:
+    """Evaluate one model on the test split and write its metrics and plots."""
+    class_names = load_meta(prepared_dir)["class_names"]
+    test = load_split(prepared_dir, "test")
+    model = keras.models.load_model(model_path)
+    probs = predict_proba(model, test.images, batch_size, tta_flip)
+    predicted = probs.argmax(axis=1)
+    metrics = score(test.labels, probs, class_names)
+    metrics["test_images"] = int(len(test.labels))
+    atomic.write_json(metrics_path, metrics)
+    write_predictions_csv(predictions_path, test.labels, predicted, class_names)
+    matrix = confusion_matrix(test.labels, predicted, labels=np.arange(len(class_names)))
+    plots.confusion_heatmap(matrix, class_names, f"{name}: test accuracy {metrics['accuracy']:.2%}",
+                            confusion_png)
+    wrong = np.flatnonzero(predicted != test.labels)[:misclassified]
+    plots.image_grid(test.images[wrong],
+                     [f"true {class_names[test.labels[i]]}\npred {class_names[predicted[i]]}" for i in wrong],
+                     f"{name}: first {len(wrong)} misclassified test images", misclassified_png)
+    return metrics

@@ -1,0 +1,43 @@
+"""Run a frozen backbone over every split once and cache the pooled features.
+
+Images are resized inside the model one batch at a time, so the 60,000 images
+never sit in memory at the backbone's input size; only the small feature
+vectors are kept.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from cifar_pipeline import atomic
+from cifar_pipeline.backbones import build_feature_extractor
+from cifar_pipeline.prepare import SPLITS, load_split
+
+
+def extract(extractor, images: np.ndarray, batch_size: int) -> np.ndarray:
+    data = tf.data.Dataset.from_tensor_slices(images).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return extractor.predict(data, verbose=2).astype(np.float32)
+
+
+def extract_features(*, prepared_dir: Path, features_dir: Path, extractor_path: Path,
+                     backbone: str, image_size: int, weights: str, batch_size: int) -> dict:
+    """Write `{split}.npy` features and the extractor model; return throughput per split."""
+    extractor = build_feature_extractor(backbone, image_size, weights)
+    arrays, stats = {}, {}
+    for split in SPLITS:
+        images = load_split(prepared_dir, split, mmap=True).images
+        start = time.perf_counter()
+        arrays[split] = extract(extractor, images, batch_size)
+        seconds = time.perf_counter() - start
+        stats[split] = {"images": len(images), "seconds": round(seconds, 1),
+                        "images_per_s": round(len(images) / seconds, 1)}
+        print(f"features: {split}: {len(images)} images in {seconds:.1f}s "
+              f"({len(images) / seconds:.0f} images/s), shape {arrays[split].shape}")
+    atomic.save_arrays(features_dir, arrays, {"backbone": backbone, "image_size": image_size,
+                                              "weights": weights, "throughput": stats})
+    with atomic.atomic_path(extractor_path) as tmp:
+        extractor.save(tmp)
+    return stats

@@ -1,0 +1,121 @@
+"""Scratch CNN architectures: `build_model(arch, ...)` returns an uncompiled keras.Model.
+
+Every model takes raw uint8 RGB images of shape (32, 32, 3), normalises them
+inside the graph with the training split's channel statistics, and ends in a
+float32 softmax, so a saved model classifies images with no extra code.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import keras
+from keras import layers
+
+
+def _normalized_input(mean, std):
+    inputs = keras.Input((32, 32, 3), dtype="uint8", name="image")
+    # Rescaling casts the uint8 input to float and applies (x - mean) / std per channel.
+    x = layers.Rescaling(scale=[1.0 / s for s in std], offset=[-m / s for m, s in zip(mean, std)],
+                         name="normalize")(inputs)
+    return inputs, x
+
+
+def _classifier(x, num_classes: int):
+    x = layers.Dense(num_classes, name="logits")(x)
+    # float32 even under mixed precision, so probabilities and the loss stay accurate.
+    return layers.Activation("softmax", dtype="float32", name="probabilities")(x)
+
+
+def _conv_bn_act(x, filters, activation="relu", kernel_size=3, regularizer=None):
+    x = layers.Conv2D(filters, kernel_size, padding="same", use_bias=False, kernel_regularizer=regularizer)(x)
+    x = layers.BatchNormalization()(x)
+    return layers.Activation(activation)(x)
+
+
+def _fast(x, num_classes):
+    """An airbench-style net: wide early downsampling, two convs per stage, global max pool."""
+    x = layers.Conv2D(24, 2, padding="valid", use_bias=False, name="stem")(x)
+    x = layers.Activation("gelu")(x)
+    for filters in (32, 128, 128):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = layers.MaxPooling2D(padding="same")(x)
+        # Fast-moving BN statistics suit the short schedules this net is trained with.
+        x = layers.BatchNormalization(momentum=0.6, epsilon=1e-5)(x)
+        x = layers.Activation("gelu")(x)
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization(momentum=0.6, epsilon=1e-5)(x)
+        x = layers.Activation("gelu")(x)
+    x = layers.GlobalMaxPooling2D()(x)
+    return _classifier(x, num_classes)
+
+
+def _vgg_mish(x, num_classes):
+    """The notebooks' VGG-style CNN: Mish, BatchNorm, L2 1e-3, rising dropout, Dense 128."""
+    l2 = keras.regularizers.L2(1e-3)
+    for filters, dropout in ((32, 0.2), (64, 0.3), (128, 0.4)):
+        repeats = 1 if filters == 128 else 2
+        for _ in range(repeats):
+            x = _conv_bn_act(x, filters, "mish", regularizer=l2)
+        x = layers.MaxPooling2D()(x)
+        x = layers.Dropout(dropout)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(128, activation="mish", kernel_regularizer=l2)(x)
+    x = layers.BatchNormalization()(x)
+    x = layers.Dropout(0.5)(x)
+    return _classifier(x, num_classes)
+
+
+def _gap_cnn(x, num_classes):
+    """The notebooks' global-average-pooling CNN: 32-32-64-128-128-128 filters, Dense 128."""
+    for i, filters in enumerate((32, 32, 64, 128, 128, 128)):
+        x = _conv_bn_act(x, filters)
+        if i in (1, 3, 5):
+            x = layers.MaxPooling2D()(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dense(128, activation="relu")(x)
+    x = layers.Dropout(0.3)(x)
+    return _classifier(x, num_classes)
+
+
+def _resnet20(x, num_classes):
+    """ResNet-20 (He et al. 2016, CIFAR variant): 3 stages of 3 basic blocks, 16/32/64 filters."""
+    x = _conv_bn_act(x, 16)
+    for stage, filters in enumerate((16, 32, 64)):
+        for block in range(3):
+            strides = 2 if stage > 0 and block == 0 else 1
+            shortcut = x
+            y = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False)(x)
+            y = layers.Activation("relu")(layers.BatchNormalization()(y))
+            y = layers.BatchNormalization()(layers.Conv2D(filters, 3, padding="same", use_bias=False)(y))
+            if strides != 1 or shortcut.shape[-1] != filters:
+                shortcut = layers.Conv2D(filters, 1, strides=strides, use_bias=False)(shortcut)
+                shortcut = layers.BatchNormalization()(shortcut)
+            x = layers.Activation("relu")(layers.Add()([y, shortcut]))
+    x = layers.GlobalAveragePooling2D()(x)
+    return _classifier(x, num_classes)
+
+
+def _ann(x, num_classes):
+    """A plain dense network: the baseline every notebook starts from."""
+    x = layers.Flatten()(x)
+    for units in (512, 256, 128):
+        x = layers.Dense(units, activation="relu")(x)
+        x = layers.Dropout(0.2)(x)
+    return _classifier(x, num_classes)
+
+
+ARCHITECTURES: dict[str, Callable] = {
+    "fast": _fast,
+    "vgg_mish": _vgg_mish,
+    "gap_cnn": _gap_cnn,
+    "resnet20": _resnet20,
+    "ann": _ann,
+}
+
+
+def build_model(arch: str, num_classes: int, mean, std) -> keras.Model:
+    """An uncompiled model of architecture `arch` for uint8 32x32 RGB input."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; allowed: {', '.join(ARCHITECTURES)}")
+    inputs, x = _normalized_input(mean, std)
+    return keras.Model(inputs, ARCHITECTURES[arch](x, num_classes), name=arch)

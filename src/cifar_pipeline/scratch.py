@@ -1,0 +1,37 @@
+"""Train a CNN from scratch on the cached TFRecords and save it as `.keras`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from cifar_pipeline import atomic, records
+from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.models import build_model
+from cifar_pipeline.prepare import load_meta
+from cifar_pipeline.train import fit, learning_rate, make_optimizer
+
+
+def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, live_dir: Path,
+                  arch: str, epochs: int, batch_size: int, optimizer: str, lr: float, momentum: float,
+                  weight_decay: float, label_smoothing: float, schedule: str, warmup_epochs: float,
+                  patience: int, online_flip: bool, online_shift_px: int, seed: int) -> dict:
+    """Train `arch` and save the weights of its best validation epoch; return the Keras history."""
+    meta = load_meta(prepared_dir)
+    num_classes = len(meta["class_names"])
+    train_size = records.read_info(records_dir)["sizes"]["train"]
+    if batch_size > train_size:
+        raise PipelineError(f"train.batch_size={batch_size} exceeds the {train_size} training records")
+    steps = train_size // batch_size
+    model = build_model(arch, num_classes, meta["mean"], meta["std"])
+    history = fit(
+        model,
+        records.training_dataset(records_dir, batch_size, num_classes, seed, online_flip, online_shift_px),
+        records.eval_dataset(records_dir, "val", max(batch_size, 256), num_classes),
+        steps_per_epoch=steps, epochs=epochs,
+        optimizer=make_optimizer(optimizer, learning_rate(schedule, lr, epochs, steps, warmup_epochs),
+                                 momentum, weight_decay),
+        label_smoothing=label_smoothing, schedule=schedule, patience=patience,
+        live_dir=live_dir, images_per_epoch=steps * batch_size)
+    with atomic.atomic_path(model_path) as tmp:
+        model.save(tmp)
+    return history
+

@@ -1,0 +1,35 @@
+"""What every stage script shares: params loading, seeding and error reporting."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from cifar_pipeline import params as params_lib
+from cifar_pipeline.errors import PipelineError
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    return p
+
+
+def load_params(args: argparse.Namespace) -> dict:
+    return params_lib.load(args.params)
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow once, at the start of a stage."""
+    import keras  # imported here so the stages that never touch TensorFlow stay fast
+
+    keras.utils.set_random_seed(seed)
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run a stage's main; report a user-fixable error in one line and exit 1."""
+    try:
+        main()
+    except (PipelineError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,27 @@
+"""Stage evaluate: score one saved model on the test split; write metrics, confusion data, plots."""
+from pathlib import Path
+
+from cifar_pipeline import stage
+
+
+def main() -> None:
+    parser = stage.parser(__doc__)
+    parser.add_argument("--name", required=True, help="the model's name in titles")
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--prepared", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True, help="output metrics JSON")
+    parser.add_argument("--predictions", type=Path, required=True, help="output CSV for the confusion plot")
+    parser.add_argument("--confusion-png", type=Path, required=True)
+    parser.add_argument("--misclassified-png", type=Path, required=True)
+    args = parser.parse_args()
+    cfg = stage.load_params(args)["evaluate"]
+    from cifar_pipeline.evaluate import evaluate
+
+    metrics = evaluate(model_path=args.model, prepared_dir=args.prepared, name=args.name,
+                       metrics_path=args.metrics, predictions_path=args.predictions,
+                       confusion_png=args.confusion_png, misclassified_png=args.misclassified_png, **cfg)
+    print(f"evaluate: {args.name}: test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
+
+
+if __name__ == "__main__":
+    stage.run(main)
