@@ -26,6 +26,9 @@ OFFICIAL = {
                  "eb9058c3a382ffc7106e4002c42a8d85"),
 }
 CHUNK = 1 << 20
+# Small network reads: bytes of a read cut short by a dropped connection are lost,
+# so this bounds what a resume has to fetch again.
+NET_CHUNK = 1 << 16
 MAX_REDIRECTS = 5
 # 408/429 and 5xx are the server saying "not now"; any other 4xx will not change on retry.
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
@@ -148,7 +151,7 @@ def _download_once(url: str, part: Path, timeout_s: float, progress: bool) -> No
             with open(part, mode) as f, tqdm(total=total, initial=total_done, unit="B", unit_scale=True,
                                              desc=f"download {Path(urlparse(url).path).name}",
                                              disable=not progress) as bar:
-                for block in response.iter_content(CHUNK):
+                for block in response.iter_content(NET_CHUNK):
                     f.write(block)
                     received += len(block)
                     bar.update(len(block))

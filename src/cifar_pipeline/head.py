@@ -15,6 +15,7 @@ from keras import layers
 
 from cifar_pipeline import atomic
 from cifar_pipeline.backbones import ImageNetPreprocessing  # noqa: F401  registers the layer for loading
+from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.prepare import load_meta, load_split
 from cifar_pipeline.train import fit, make_optimizer
 
@@ -56,6 +57,10 @@ def train_head(*, features_dir: Path, prepared_dir: Path, extractor_path: Path, 
     """Fit the head on train features, early-stopped on val; save extractor + head as one model."""
     num_classes = len(load_meta(prepared_dir)["class_names"])
     train_x, val_x = (np.load(Path(features_dir) / f"{s}.npy") for s in ("train", "val"))
+    extractor = keras.models.load_model(extractor_path)
+    if extractor.output_shape[-1] != train_x.shape[1]:
+        raise PipelineError(f"{features_dir} holds {train_x.shape[1]}-dim features but {extractor_path} "
+                            f"outputs {extractor.output_shape[-1]}; re-run the extract_features stage")
     train_y, val_y = (load_split(prepared_dir, s, mmap=True).labels for s in ("train", "val"))
     head = build_head(kind, train_x.mean(axis=0), train_x.var(axis=0), num_classes, units, dropout)
     history = fit(
@@ -65,7 +70,6 @@ def train_head(*, features_dir: Path, prepared_dir: Path, extractor_path: Path, 
         steps_per_epoch=None, epochs=epochs, optimizer=make_optimizer("adamw", lr, 0.0, 1e-4),
         label_smoothing=0.0, schedule="plateau", patience=patience,
         live_dir=live_dir, images_per_epoch=len(train_y))
-    extractor = keras.models.load_model(extractor_path)
     inputs = keras.Input((32, 32, 3), dtype="uint8", name="image")
     model = keras.Model(inputs, head(extractor(inputs)), name="transfer")
     with atomic.atomic_path(model_path) as tmp:

@@ -8,6 +8,7 @@ epoch); the costlier rotation and zoom are cached by the augment stage.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -100,8 +101,11 @@ def training_dataset(directory: Path, batch_size: int, num_classes: int, seed: i
 
 def eval_dataset(directory: Path, split: str, batch_size: int, num_classes: int) -> tf.data.Dataset:
     """Un-augmented, ordered batches of a split (val or test)."""
+    batches = math.ceil(read_info(directory)["sizes"][split] / batch_size)
     return (tf.data.TFRecordDataset(shard_paths(directory, split))
             .batch(batch_size)
+            # A known length gives Keras a progress total and spares it a warning when the data ends.
+            .apply(tf.data.experimental.assert_cardinality(batches))
             .map(lambda s: _parse_batch(s, num_classes), num_parallel_calls=tf.data.AUTOTUNE)
             .cache()
             .prefetch(tf.data.AUTOTUNE))

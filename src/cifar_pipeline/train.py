@@ -84,7 +84,8 @@ def fit(model: keras.Model, train_data, val_data, *, steps_per_epoch: int | None
         callbacks.insert(1, keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss", factor=0.5, patience=max(1, patience // 3), min_lr=1e-6))
     history = model.fit(train_data, validation_data=val_data, epochs=epochs,
-                        steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=2).history
+                        steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=2,
+                        shuffle=False).history  # the datasets shuffle themselves
     losses = history.get("loss", []) + history.get("val_loss", [])
     if not losses or not all(math.isfinite(v) for v in losses):
         raise TrainingDiverged(

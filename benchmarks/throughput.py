@@ -1,0 +1,94 @@
+"""Training and input throughput of the default model, naive vs. this project's way, side by side.
+
+    python benchmarks/throughput.py [--records data/records] [--prepared data/prepared]
+
+Each setting runs in its own subprocess (oneDNN is fixed at TensorFlow import),
+alternating, so both see the same machine load:
+- naive: Keras defaults, `model.fit` on in-memory numpy arrays, oneDNN off;
+- project: oneDNN on, batches from the TFRecord shards through `tf.data`.
+Also prints how fast the shards alone are read and decoded. Needs the outputs
+of the prepare and augment stages (`dvc repro augment`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+WARMUP_STEPS, STEPS, BATCH = 5, 40, 256
+
+
+def measure(mode: str, records: str, prepared: str) -> float:
+    """Training images/s of the `fast` model over STEPS steps, after warm-up."""
+    import keras
+    import numpy as np
+
+    from cifar_pipeline import records as rec
+    from cifar_pipeline.models import build_model
+    from cifar_pipeline.prepare import load_meta, load_split
+
+    meta = load_meta(prepared)
+    model = build_model("fast", len(meta["class_names"]), meta["mean"], meta["std"])
+    model.compile(keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True), "categorical_crossentropy")
+    if mode == "naive":
+        train = load_split(prepared, "train")
+        x = train.images[: BATCH * (WARMUP_STEPS + STEPS)]
+        y = np.eye(len(meta["class_names"]))[train.labels[: len(x)]]
+        model.fit(x[: BATCH * WARMUP_STEPS], y[: BATCH * WARMUP_STEPS], batch_size=BATCH, verbose=0)
+        start = time.perf_counter()
+        model.fit(x[BATCH * WARMUP_STEPS:], y[BATCH * WARMUP_STEPS:], batch_size=BATCH, verbose=0)
+    else:
+        data = rec.training_dataset(records, BATCH, len(meta["class_names"]), 0, True, 2)
+        model.fit(data, steps_per_epoch=WARMUP_STEPS, verbose=0)
+        start = time.perf_counter()
+        model.fit(data, steps_per_epoch=STEPS, verbose=0)
+    return BATCH * STEPS / (time.perf_counter() - start)
+
+
+def read_throughput(records: str, prepared: str, batches: int = 400) -> float:
+    """Images/s of reading, decoding and online-augmenting the shards, no model."""
+    from cifar_pipeline import records as rec
+    from cifar_pipeline.prepare import load_meta
+
+    data = rec.training_dataset(records, BATCH, len(load_meta(prepared)["class_names"]), 0, True, 2)
+    for _ in data.take(batches):  # first pass fills the in-memory cache
+        pass
+    start = time.perf_counter()
+    for _ in data.take(batches):
+        pass
+    return BATCH * batches / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--records", default="data/records")
+    parser.add_argument("--prepared", default="data/prepared")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--child", choices=["naive", "project", "read"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        value = (read_throughput(args.records, args.prepared) if args.child == "read"
+                 else measure(args.child, args.records, args.prepared))
+        print(json.dumps({"images_per_s": value}))
+        return
+    results: dict[str, list[float]] = {"naive": [], "project": [], "read": []}
+    onednn = {"naive": "0", "project": "1", "read": "1"}
+    for _ in range(args.repeats):
+        for mode in results:
+            env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn[mode], "TF_CPP_MIN_LOG_LEVEL": "3"}
+            out = subprocess.run([sys.executable, __file__, "--child", mode, "--records", args.records,
+                                  "--prepared", args.prepared], env=env, capture_output=True, text=True,
+                                 check=True)
+            results[mode].append(json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"])
+    best = {mode: max(values) for mode, values in results.items()}
+    for mode, values in results.items():
+        print(f"{mode:8s} images/s: " + ", ".join(f"{v:.0f}" for v in values) + f"  (best {best[mode]:.0f})")
+    print(f"project / naive training throughput: {best['project'] / best['naive']:.2f}x")
+    print(f"TFRecord read / project training throughput: {best['read'] / best['project']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Shared fixtures: tiny synthetic archives in the official CIFAR formats."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Before TensorFlow is imported by any test module: quiet logs, oneDNN on.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import cifar_pipeline  # noqa: E402,F401  sets the oneDNN default
+
+from synthetic import cifar10_members, cifar100_members, write_tar_gz  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def cifar10_archive(tmp_path_factory):
+    """(path, md5) of a CIFAR-10-format archive with 6 train images per class per batch."""
+    path = tmp_path_factory.mktemp("archives") / "cifar-10-python.tar.gz"
+    return path, write_tar_gz(path, cifar10_members())
+
+
+@pytest.fixture(scope="session")
+def cifar100_archive(tmp_path_factory):
+    path = tmp_path_factory.mktemp("archives") / "cifar-100-python.tar.gz"
+    return path, write_tar_gz(path, cifar100_members())

@@ -1,0 +1,53 @@
+"""Backbones: preprocessing matches keras.applications, extractors take uint8 and save/load."""
+import keras
+import numpy as np
+import pytest
+
+from cifar_pipeline.backbones import BACKBONES, ImageNetPreprocessing, build_feature_extractor
+from cifar_pipeline.errors import PipelineError
+
+PREPROCESS = {
+    "tf": keras.applications.mobilenet_v2.preprocess_input,
+    "torch": keras.applications.densenet.preprocess_input,
+    "caffe": keras.applications.vgg16.preprocess_input,
+}
+
+
+@pytest.mark.parametrize("mode", sorted(PREPROCESS))
+def test_preprocessing_layer_matches_keras_applications(mode):
+    x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(ImageNetPreprocessing(mode)(x), PREPROCESS[mode](x.copy()), rtol=1e-5, atol=1e-4)
+
+
+def test_each_spec_names_a_keras_application():
+    for spec in BACKBONES.values():
+        assert hasattr(keras.applications, spec.constructor)
+
+
+def test_extractor_takes_uint8_resizes_in_graph_and_round_trips(tmp_path):
+    extractor = build_feature_extractor("mobilenet_v2", 48, "none")
+    assert not extractor.trainable_weights
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    features = extractor.predict(images, verbose=0)
+    assert features.shape == (2, 1280)
+    extractor.save(tmp_path / "e.keras")
+    np.testing.assert_allclose(keras.models.load_model(tmp_path / "e.keras").predict(images, verbose=0),
+                               features, atol=1e-6)
+
+
+def test_bad_backbone_size_and_weights():
+    with pytest.raises(PipelineError, match="image_size = 64 is too small for xception; it needs at least 71"):
+        build_feature_extractor("xception", 64, "none")
+    with pytest.raises(ValueError, match="unknown backbone 'alexnet'"):
+        build_feature_extractor("alexnet", 64, "none")
+    with pytest.raises(FileNotFoundError, match="neither 'imagenet', 'none' nor an existing weights file"):
+        build_feature_extractor("mobilenet_v2", 64, "/nonexistent/weights.h5")
+
+
+def test_local_weights_file_is_loaded(tmp_path):
+    source = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg")
+    source.save_weights(tmp_path / "mnv2.weights.h5")
+    extractor = build_feature_extractor("mobilenet_v2", 32, str(tmp_path / "mnv2.weights.h5"))
+    loaded = extractor.get_layer(source.name).get_weights()
+    for a, b in zip(loaded, source.get_weights()):
+        np.testing.assert_array_equal(a, b)

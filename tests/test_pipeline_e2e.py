@@ -1,0 +1,117 @@
+"""The whole pipeline through the real DVC commands, on a tiny synthetic archive, offline."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e
+
+
+def _run(args, cwd, check=True):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def _git(cwd, *args):
+    return _run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args], cwd)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, cifar10_archive):
+    """A copy of the project in a fresh git repo, pointed at the synthetic archive, with tiny settings."""
+    root = tmp_path_factory.mktemp("e2e") / "project"
+    root.mkdir()
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", "stages", "src", ".dvc"):
+        source = PROJECT / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("cache", "tmp", "__pycache__"))
+        else:
+            shutil.copy(source, root / name)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    archive, md5 = cifar10_archive
+    params["data"].update(url=archive.as_uri(), md5=md5, val_fraction=0.2)
+    params["augment"].update(shards=2)
+    params["train"].update(epochs=2, batch_size=32)
+    params["transfer"].update(backbone="mobilenet_v2", image_size=32, batch_size=64)
+    params["head"].update(epochs=3, batch_size=32)
+    params["evaluate"].update(misclassified=4)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], root)
+    _git(root, "add", "-A")
+    _git(root, "commit", "-qm", "project")
+    return root
+
+
+def test_repro_then_experiment_then_metrics_and_plots(repo):
+    first = _run(["dvc", "repro"], repo)
+    for stage in ("fetch", "prepare", "augment", "train", "extract_features", "train_head",
+                  "evaluate@scratch", "evaluate@transfer"):
+        assert f"Running stage '{stage}'" in first.stdout
+    for name in ("scratch", "transfer"):
+        metrics = json.loads((repo / "metrics" / f"{name}.json").read_text())
+        assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["test_images"] == 30
+        assert set(metrics["per_class"]) == {f"class{i}" for i in range(10)}
+        for png in (f"{name}_confusion.png", f"{name}_misclassified.png", f"{name}_learning_curves.png"):
+            assert (repo / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+        rows = (repo / "plots" / f"{name}_predictions.csv").read_text().splitlines()
+        assert rows[0] == "actual,predicted" and len(rows) == 31
+    assert (repo / "plots" / "samples.png").exists() and (repo / "plots" / "augmentations.png").exists()
+    assert "Data and pipelines are up to date" in _run(["dvc", "status"], repo).stdout
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "baseline run")
+
+    # An experiment on train.lr re-runs exactly the stages that depend on it.
+    experiment = _run(["dvc", "exp", "run", "-S", "train.lr=0.05"], repo)
+    ran = {line.split("'")[1] for line in experiment.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train", "evaluate@scratch"}, experiment.stdout
+
+    diff = _run(["dvc", "metrics", "diff", "--json"], repo)
+    changed = json.loads(diff.stdout)
+    assert "metrics/scratch.json" in changed and "accuracy" in changed["metrics/scratch.json"]
+    assert "metrics/transfer.json" not in changed
+
+    shown = _run(["dvc", "exp", "show", "--json"], repo)
+    assert "0.05" in shown.stdout and "metrics/scratch.json" in shown.stdout
+
+    plots = _run(["dvc", "plots", "show", "--json"], repo)
+    rendered = json.loads(plots.stdout)["data"]
+    assert "plots/scratch_predictions.csv" in rendered
+    assert any("Scratch CNN accuracy per epoch" in key for key in rendered)
+    assert "plots/scratch_confusion.png" in rendered
+
+
+def test_bad_params_fail_before_any_work(repo):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["lr"] = -1
+    bad = repo / "bad_params.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    result = _run([sys.executable, "stages/fetch.py", "--out", "unused.tar.gz", "--params", str(bad)],
+                  repo, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"error: {bad}: train.lr = -1 is invalid; allowed: a number > 0 and <= 10")
+    assert not (repo / "unused.tar.gz").exists()
+
+
+def test_md5_mismatch_stops_fetch_naming_file_and_md5s(repo, cifar10_archive):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["md5"] = "0" * 32
+    bad = repo / "bad_md5.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    result = _run([sys.executable, "stages/fetch.py", "--out", "fresh/archive.tar.gz", "--params", str(bad)],
+                  repo, check=False)
+    assert result.returncode == 1
+    assert f"md5 mismatch for {cifar10_archive[0].as_uri()}: expected {'0' * 32}, got {cifar10_archive[1]}" \
+        in result.stderr
+    assert not (repo / "fresh" / "archive.tar.gz").exists()

@@ -1,0 +1,77 @@
+"""Cached augmentation and TFRecords: round trip, determinism, online flip/shift."""
+import hashlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cifar_pipeline import records
+from cifar_pipeline.augment import build_records
+from cifar_pipeline.prepare import load_split, prepare
+
+
+@pytest.fixture(scope="module")
+def prepared(cifar10_archive, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prep") / "prepared"
+    prepare(cifar10_archive[0], out, "cifar10", "fine", val_fraction=0.1, limit=None, seed=0)
+    return out
+
+
+def _build(prepared, out, seed=0, copies=2):
+    return build_records(prepared, out, copies=copies, flip=True, shift=0.1, rotation_deg=15, zoom=0.1,
+                         shards=3, seed=seed)
+
+
+def _digests(directory):
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def test_shards_hold_originals_plus_copies_and_plain_val_test(prepared, tmp_path):
+    preview = _build(prepared, tmp_path / "rec")
+    info = records.read_info(tmp_path / "rec")
+    assert info["sizes"] == {"train": 270 * 3, "val": 30, "test": 30} and info["num_classes"] == 10
+    assert len(records.shard_paths(tmp_path / "rec", "train")) == 3
+    assert len(preview["copies"]) == 2 and not np.array_equal(preview["copies"][0], preview["original"])
+    val = load_split(prepared, "val")
+    images, labels = zip(*records.eval_dataset(tmp_path / "rec", "val", 7, 10))
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    # Round-robin sharding reorders records; every val image comes back unchanged with its label.
+    order = sorted(range(len(val.labels)), key=lambda i: val.images[i].tobytes())
+    got = sorted(range(len(images)), key=lambda i: images[i].tobytes())
+    np.testing.assert_array_equal(images[got], val.images[order])
+    np.testing.assert_array_equal(labels[got].argmax(1), val.labels[order])
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(prepared, tmp_path):
+    _build(prepared, tmp_path / "a")
+    _build(prepared, tmp_path / "b")
+    _build(prepared, tmp_path / "c", seed=1)
+    assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
+    assert _digests(tmp_path / "a")["train-00000-of-00003.tfrecord"] != \
+        _digests(tmp_path / "c")["train-00000-of-00003.tfrecord"]
+
+
+def test_training_batches_are_endless_one_hot_uint8(prepared, tmp_path):
+    _build(prepared, tmp_path / "rec", copies=0)
+    data = records.training_dataset(tmp_path / "rec", 64, 10, seed=0, online_flip=True, online_shift_px=2)
+    batches = list(data.take(10))  # 270 records, 4 batches an epoch: must keep going
+    images, labels = batches[-1]
+    assert images.dtype == tf.uint8 and images.shape == (64, 32, 32, 3)
+    assert labels.shape == (64, 10) and np.allclose(labels.numpy().sum(1), 1)
+
+
+def test_online_flip_and_shift():
+    images = tf.constant(np.arange(2 * 32 * 32 * 3).reshape(2, 32, 32, 3) % 251, tf.uint8)
+    seed = tf.constant([0, 0], tf.int64)
+    same = records.random_flip_shift(images, seed, flip=False, shift_px=0)
+    np.testing.assert_array_equal(same, images)
+    flipped = records.random_flip_shift(images, seed, flip=True, shift_px=0).numpy()
+    for got, original in zip(flipped, images.numpy()):
+        assert np.array_equal(got, original) or np.array_equal(got, original[:, ::-1])
+    shifted = records.random_flip_shift(images, seed, flip=False, shift_px=3).numpy()
+    # Every shifted image is the original moved by at most 3 pixels: its centre survives somewhere.
+    for got, original in zip(shifted, images.numpy()):
+        centre = original[3:29, 3:29]
+        assert any(np.array_equal(got[dy:dy + 26, dx:dx + 26], centre) for dy in range(7) for dx in range(7))
+    np.testing.assert_array_equal(records.random_flip_shift(images, seed, True, 3),
+                                  records.random_flip_shift(images, seed, True, 3))

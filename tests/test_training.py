@@ -1,0 +1,63 @@
+"""Training: DVCLive logs, best-epoch selection on validation, and a refusal to save a NaN model."""
+import json
+
+import numpy as np
+import pytest
+
+from cifar_pipeline.head import build_head, train_head
+from cifar_pipeline.prepare import prepare
+from cifar_pipeline.train import TrainingDiverged
+
+
+@pytest.fixture(scope="module")
+def head_inputs(cifar10_archive, tmp_path_factory):
+    """Prepared data plus fake features that separate the classes."""
+    root = tmp_path_factory.mktemp("head")
+    prepare(cifar10_archive[0], root / "prepared", "cifar10", "fine", val_fraction=0.2, limit=None, seed=0)
+    rng = np.random.default_rng(0)
+    (root / "features").mkdir()
+    for split in ("train", "val"):
+        labels = np.load(root / "prepared" / f"{split}_labels.npy")
+        signal = np.tile(np.eye(10)[labels] * 3, 128)  # the extractor below outputs 1280 features
+        np.save(root / "features" / f"{split}.npy", (signal + rng.normal(0, 0.3, signal.shape)).astype("float32"))
+    from cifar_pipeline.backbones import build_feature_extractor
+    build_feature_extractor("mobilenet_v2", 32, "none").save(root / "extractor.keras")
+    return root
+
+
+def _train(root, tmp_path, **overrides):
+    kwargs = dict(kind="dense", units=16, dropout=0.1, lr=0.01, epochs=8, batch_size=32, patience=8, seed=0)
+    kwargs.update(overrides)
+    return train_head(features_dir=root / "features", prepared_dir=root / "prepared",
+                      extractor_path=root / "extractor.keras", model_path=tmp_path / "transfer.keras",
+                      live_dir=tmp_path / "live", **kwargs)
+
+
+def test_head_learns_logs_with_dvclive_and_saves_an_end_to_end_model(head_inputs, tmp_path):
+    history = _train(head_inputs, tmp_path)
+    assert max(history["val_accuracy"]) > 0.9
+    summary = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert summary["best_val_accuracy"] == pytest.approx(max(history["val_accuracy"]), abs=1e-4)
+    assert summary["step"] == len(history["loss"]) - 1 and summary["images_per_s"] > 0
+    assert (tmp_path / "live" / "plots" / "metrics" / "eval" / "accuracy.tsv").exists()
+    import keras
+    model = keras.models.load_model(tmp_path / "transfer.keras")
+    assert model.input_shape == (None, 32, 32, 3) and model.output_shape == (None, 10)
+
+
+def test_nan_loss_stops_training_and_saves_no_model(head_inputs, tmp_path):
+    bad = head_inputs / "features" / "train.npy"
+    original = np.load(bad)
+    try:
+        np.save(bad, np.full_like(original, np.inf))
+        with pytest.raises(TrainingDiverged, match="loss became NaN or infinite.*lower learning rate"):
+            _train(head_inputs, tmp_path, kind="logistic")
+    finally:
+        np.save(bad, original)
+    assert not (tmp_path / "transfer.keras").exists()
+
+
+def test_head_standardises_features():
+    mean, var = np.full(4, 100.0), np.full(4, 25.0)
+    head = build_head("logistic", mean, var, 3, units=8, dropout=0.0)
+    np.testing.assert_allclose(head.get_layer("standardize")(np.full((1, 4), 105.0)).numpy(), 1.0, rtol=1e-6)
