@@ -50,10 +50,14 @@ def write_predictions_csv(path: Path, labels: np.ndarray, predicted: np.ndarray,
         writer.writerows((class_names[a], class_names[p]) for a, p in zip(labels, predicted))
 
 
-def evaluate(*, model_path: Path, prepared_dir: Path, name: str, metrics_path: Path,
+def evaluate(*, model_path: Path, prepared_dir: Path, name: str, metrics_path: Path, per_class_path: Path,
              predictions_path: Path, confusion_png: Path, misclassified_png: Path,
              batch_size: int, tta_flip: bool, misclassified: int) -> dict:
-    """Evaluate one model on the test split and write its metrics and plots."""
+    """Evaluate one model on the test split and write its metrics and plots.
+
+    Per-class scores go to their own file: in the metrics file they would add
+    three columns per class to every `dvc metrics show` and `dvc exp show`.
+    """
     class_names = load_meta(prepared_dir)["class_names"]
     test = load_split(prepared_dir, "test")
     model = keras.models.load_model(model_path)
@@ -61,6 +65,7 @@ def evaluate(*, model_path: Path, prepared_dir: Path, name: str, metrics_path: P
     predicted = probs.argmax(axis=1)
     metrics = score(test.labels, probs, class_names)
     metrics["test_images"] = int(len(test.labels))
+    atomic.write_json(per_class_path, metrics.pop("per_class"))
     atomic.write_json(metrics_path, metrics)
     write_predictions_csv(predictions_path, test.labels, predicted, class_names)
     matrix = confusion_matrix(test.labels, predicted, labels=np.arange(len(class_names)))
