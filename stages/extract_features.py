@@ -10,7 +10,9 @@ def main() -> None:
     parser.add_argument("--features", type=Path, required=True, help="output directory of feature arrays")
     parser.add_argument("--extractor", type=Path, required=True, help="output .keras feature extractor")
     args = parser.parse_args()
-    cfg = stage.load_params(args)["transfer"]
+    cfg = dict(stage.load_params(args)["transfer"])
+    # Random-init backbones (weights: none) must be the same network on every run.
+    stage.set_seed(cfg.pop("seed"))
     from cifar_pipeline.features import extract_features
 
     extract_features(prepared_dir=args.prepared, features_dir=args.features, extractor_path=args.extractor,

@@ -73,6 +73,7 @@ def test_repro_then_experiment_then_metrics_and_plots(repo):
     _git(repo, "add", "-A")
     _git(repo, "commit", "-qm", "baseline run")
 
+
     # An experiment on train.lr re-runs exactly the stages that depend on it.
     experiment = _run(["dvc", "exp", "run", "-S", "train.lr=0.05"], repo)
     ran = {line.split("'")[1] for line in experiment.stdout.splitlines() if line.startswith("Running stage")}
@@ -86,11 +87,32 @@ def test_repro_then_experiment_then_metrics_and_plots(repo):
     shown = _run(["dvc", "exp", "show", "--json"], repo)
     assert "0.05" in shown.stdout and "metrics/scratch.json" in shown.stdout
 
+    # So does one on the head: the cached features are reused.
+    head_experiment = _run(["dvc", "exp", "run", "-S", "head.lr=0.003"], repo)
+    ran = {line.split("'")[1] for line in head_experiment.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train_head", "evaluate@transfer"}, head_experiment.stdout
+
     plots = _run(["dvc", "plots", "show", "--json"], repo)
     rendered = json.loads(plots.stdout)["data"]
     assert "plots/scratch_predictions.csv" in rendered
     assert any("Scratch CNN accuracy per epoch" in key for key in rendered)
     assert "plots/scratch_confusion.png" in rendered
+
+    # Re-running the data and feature stages gives byte-identical outputs (same hashes in dvc.lock),
+    # so `dvc repro -f` on them does not invalidate training.
+    before = _data_hashes(repo)
+    _run(["dvc", "repro", "-f", "-s", "prepare", "augment", "extract_features"], repo)
+    assert _data_hashes(repo) == before
+
+
+def _data_hashes(repo):
+    """md5 of the data outputs recorded in dvc.lock (not of .keras models, whose zip stamps the save time)."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    hashes = {out["path"]: out["md5"] for stage in ("prepare", "augment", "extract_features")
+              for out in lock[stage]["outs"] if not out["path"].endswith(".keras")}
+    assert set(hashes) == {"data/prepared", "plots/samples.png", "data/records", "plots/augmentations.png",
+                           "data/features"}
+    return hashes
 
 
 def test_bad_params_fail_before_any_work(repo):

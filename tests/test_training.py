@@ -26,7 +26,8 @@ def head_inputs(cifar10_archive, tmp_path_factory):
 
 
 def _train(root, tmp_path, **overrides):
-    kwargs = dict(kind="dense", units=16, dropout=0.1, lr=0.01, epochs=8, batch_size=32, patience=8, seed=0)
+    kwargs = dict(kind="dense", units=16, dropout=0.1, lr=0.01, weight_decay=1e-4, epochs=8, batch_size=32,
+                  patience=8, seed=0)
     kwargs.update(overrides)
     return train_head(features_dir=root / "features", prepared_dir=root / "prepared",
                       extractor_path=root / "extractor.keras", model_path=tmp_path / "transfer.keras",

@@ -40,10 +40,15 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _json_text(data) -> str:
+    """Sorted keys, so equal data always gives equal bytes."""
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
 def write_json(path: str | Path, data) -> None:
-    """Deterministic JSON (sorted keys), written atomically."""
+    """Deterministic JSON, written atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(_json_text(data))
 
 
 def save_arrays(directory: str | Path, arrays: dict[str, np.ndarray], meta: dict | None = None) -> None:
@@ -57,4 +62,4 @@ def save_arrays(directory: str | Path, arrays: dict[str, np.ndarray], meta: dict
         for name, array in arrays.items():
             np.save(tmp / f"{name}.npy", array)
         if meta is not None:
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            (tmp / "meta.json").write_text(_json_text(meta))

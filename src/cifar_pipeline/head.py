@@ -52,8 +52,8 @@ def _feature_dataset(features: np.ndarray, labels: np.ndarray, num_classes: int,
 
 
 def train_head(*, features_dir: Path, prepared_dir: Path, extractor_path: Path, model_path: Path,
-               live_dir: Path, kind: str, units: int, dropout: float, lr: float, epochs: int,
-               batch_size: int, patience: int, seed: int) -> dict:
+               live_dir: Path, kind: str, units: int, dropout: float, lr: float, weight_decay: float,
+               epochs: int, batch_size: int, patience: int, seed: int) -> dict:
     """Fit the head on train features, early-stopped on val; save extractor + head as one model."""
     num_classes = len(load_meta(prepared_dir)["class_names"])
     train_x, val_x = (np.load(Path(features_dir) / f"{s}.npy") for s in ("train", "val"))
@@ -67,7 +67,7 @@ def train_head(*, features_dir: Path, prepared_dir: Path, extractor_path: Path, 
         head,
         _feature_dataset(train_x, train_y, num_classes, batch_size, shuffle_seed=seed),
         _feature_dataset(val_x, val_y, num_classes, batch_size, shuffle_seed=None),
-        steps_per_epoch=None, epochs=epochs, optimizer=make_optimizer("adamw", lr, 0.0, 1e-4),
+        steps_per_epoch=None, epochs=epochs, optimizer=make_optimizer("adamw", lr, 0.0, weight_decay),
         label_smoothing=0.0, schedule="plateau", patience=patience,
         live_dir=live_dir, images_per_epoch=len(train_y))
     inputs = keras.Input((32, 32, 3), dtype="uint8", name="image")
