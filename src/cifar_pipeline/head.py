@@ -25,8 +25,8 @@ def build_head(kind: str, feature_mean: np.ndarray, feature_var: np.ndarray, num
     """`dense`: Dense + BatchNorm + Dropout, as in the common notebooks; `logistic`: a linear probe.
 
     Features are first standardised with the training features' statistics:
-    backbones emit features on arbitrary scales (random-init ones near 1e-5),
-    which would otherwise stall a linear probe.
+    backbones emit features on arbitrary scales (random-init ones can be orders
+    of magnitude below 1), which would otherwise stall a linear probe.
     """
     inputs = keras.Input((len(feature_mean),), name="features")
     x = layers.Normalization(mean=feature_mean, variance=np.maximum(feature_var, 1e-12),
