@@ -13,12 +13,34 @@ from cifar_pipeline.backbones import ImageNetPreprocessing  # noqa: F401  regist
 from cifar_pipeline.prepare import load_meta, load_split
 
 
-def predict_proba(model: keras.Model, images: np.ndarray, batch_size: int, tta_flip: bool) -> np.ndarray:
-    """Class probabilities; with `tta_flip`, averaged with those of the mirrored images."""
-    probs = model.predict(images, batch_size=batch_size, verbose=0)
-    if tta_flip:
-        probs = (probs + model.predict(images[:, :, ::-1], batch_size=batch_size, verbose=0)) / 2
-    probs = probs.astype(np.float64)
+TTA_MODES = ("none", "flip", "flip_shift")
+
+
+def _shift(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Translate by (dy, dx) pixels, filling the edge by reflection as training's online shift does."""
+    pad = max(abs(dy), abs(dx))
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    height, width = images.shape[1:3]
+    return padded[:, pad - dy:pad - dy + height, pad - dx:pad - dx + width]
+
+
+def tta_views(images: np.ndarray, tta: str) -> list[np.ndarray]:
+    """`none`: the images; `flip`: and their mirror images; `flip_shift`: each of
+    those also moved one pixel down-right and one pixel up-left (6 views)."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"unknown test-time augmentation {tta!r}; allowed: {', '.join(TTA_MODES)}")
+    views = [images]
+    if tta in ("flip", "flip_shift"):
+        views.append(images[:, :, ::-1])
+    if tta == "flip_shift":
+        views += [_shift(view, d, d) for view in views for d in (1, -1)]
+    return views
+
+
+def predict_proba(model: keras.Model, images: np.ndarray, batch_size: int, tta: str) -> np.ndarray:
+    """Class probabilities, averaged over the test-time augmentation views `tta`."""
+    probs = np.mean([model.predict(view, batch_size=batch_size, verbose=0).astype(np.float64)
+                     for view in tta_views(images, tta)], axis=0)
     # float32 softmax sums drift from 1 by ~1e-7, which sklearn's log_loss warns about.
     return probs / probs.sum(axis=1, keepdims=True)
 
@@ -52,7 +74,7 @@ def write_predictions_csv(path: Path, labels: np.ndarray, predicted: np.ndarray,
 
 def evaluate(*, model_path: Path, prepared_dir: Path, name: str, metrics_path: Path, per_class_path: Path,
              predictions_path: Path, confusion_png: Path, misclassified_png: Path,
-             batch_size: int, tta_flip: bool, misclassified: int) -> dict:
+             batch_size: int, tta: str, misclassified: int) -> dict:
     """Evaluate one model on the test split and write its metrics and plots.
 
     Per-class scores go to their own file: in the metrics file they would add
@@ -61,7 +83,7 @@ def evaluate(*, model_path: Path, prepared_dir: Path, name: str, metrics_path: P
     class_names = load_meta(prepared_dir)["class_names"]
     test = load_split(prepared_dir, "test")
     model = keras.models.load_model(model_path)
-    probs = predict_proba(model, test.images, batch_size, tta_flip)
+    probs = predict_proba(model, test.images, batch_size, tta)
     predicted = probs.argmax(axis=1)
     metrics = score(test.labels, probs, class_names)
     metrics["test_images"] = int(len(test.labels))

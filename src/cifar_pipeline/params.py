@@ -151,7 +151,7 @@ SCHEMA: dict[str, dict[str, Spec]] = {
     },
     "evaluate": {
         "batch_size": _int(1, 65536),
-        "tta_flip": Spec("bool"),
+        "tta": _choice("none", "flip", "flip_shift"),
         "misclassified": _int(0, 100),
     },
 }

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from cifar_pipeline import atomic, records
 from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.models import build_model
-from cifar_pipeline.prepare import load_meta
+from cifar_pipeline.prepare import load_meta, load_split
 from cifar_pipeline.train import fit, learning_rate, make_optimizer
+
+WHITENING_SAMPLE = 5000
 
 
 def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, live_dir: Path,
@@ -21,7 +25,9 @@ def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, li
     if batch_size > train_size:
         raise PipelineError(f"train.batch_size={batch_size} exceeds the {train_size} training records")
     steps = train_size // batch_size
-    model = build_model(arch, num_classes, meta["mean"], meta["std"])
+    # A few thousand images estimate the 12x12 patch covariance of a whitening stem well.
+    sample = np.asarray(load_split(prepared_dir, "train", mmap=True).images[:WHITENING_SAMPLE])
+    model = build_model(arch, num_classes, meta["mean"], meta["std"], sample_images=sample)
     history = fit(
         model,
         records.training_dataset(records_dir, batch_size, num_classes, seed, online_flip, online_shift_px),
