@@ -1,13 +1,15 @@
 """Training and input throughput of the default model, naive vs. this project's way, side by side.
 
-    python benchmarks/throughput.py [--records data/records] [--prepared data/prepared]
+    python benchmarks/throughput.py [--records data/records] [--prepared data/prepared] [--repeats 2]
 
 Each setting runs in its own subprocess (oneDNN is fixed at TensorFlow import),
 alternating, so both see the same machine load:
 - naive: Keras defaults, `model.fit` on in-memory numpy arrays, oneDNN off;
 - project: oneDNN on, batches from the TFRecord shards through `tf.data`.
-Also prints how fast the shards alone are read and decoded. Needs the outputs
-of the prepare and augment stages (`dvc repro augment`).
+Also prints how fast the shards alone are read and decoded, and the time one
+training epoch takes each way. The model, batch size and online augmentation
+are those of `train` in params.yaml. Needs the outputs of the prepare and
+augment stages (`dvc repro augment`).
 """
 from __future__ import annotations
 
@@ -18,11 +20,17 @@ import subprocess
 import sys
 import time
 
-WARMUP_STEPS, STEPS, BATCH = 5, 40, 256
+import yaml
+
+WARMUP_STEPS, STEPS = 5, 40
+
+
+def train_params() -> dict:
+    return yaml.safe_load(open("params.yaml"))["train"]
 
 
 def measure(mode: str, records: str, prepared: str) -> float:
-    """Training images/s of the `fast` model over STEPS steps, after warm-up."""
+    """Training images/s of the default model over STEPS steps, after warm-up."""
     import keras
     import numpy as np
 
@@ -30,22 +38,26 @@ def measure(mode: str, records: str, prepared: str) -> float:
     from cifar_pipeline.models import build_model
     from cifar_pipeline.prepare import load_meta, load_split
 
+    cfg = train_params()
+    batch = cfg["batch_size"]
     meta = load_meta(prepared)
-    model = build_model("fast", len(meta["class_names"]), meta["mean"], meta["std"])
+    model = build_model(cfg["arch"], len(meta["class_names"]), meta["mean"], meta["std"],
+                        sample_images=load_split(prepared, "train", mmap=True).images[:1000])
     model.compile(keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True), "categorical_crossentropy")
     if mode == "naive":
         train = load_split(prepared, "train")
-        x = train.images[: BATCH * (WARMUP_STEPS + STEPS)]
+        x = train.images[: batch * (WARMUP_STEPS + STEPS)]
         y = np.eye(len(meta["class_names"]))[train.labels[: len(x)]]
-        model.fit(x[: BATCH * WARMUP_STEPS], y[: BATCH * WARMUP_STEPS], batch_size=BATCH, verbose=0)
+        model.fit(x[: batch * WARMUP_STEPS], y[: batch * WARMUP_STEPS], batch_size=batch, verbose=0)
         start = time.perf_counter()
-        model.fit(x[BATCH * WARMUP_STEPS:], y[BATCH * WARMUP_STEPS:], batch_size=BATCH, verbose=0)
+        model.fit(x[batch * WARMUP_STEPS:], y[batch * WARMUP_STEPS:], batch_size=batch, verbose=0)
     else:
-        data = rec.training_dataset(records, BATCH, len(meta["class_names"]), 0, True, 2)
+        data = rec.training_dataset(records, batch, len(meta["class_names"]), 0,
+                                    cfg["online_flip"], cfg["online_shift_px"])
         model.fit(data, steps_per_epoch=WARMUP_STEPS, verbose=0)
         start = time.perf_counter()
         model.fit(data, steps_per_epoch=STEPS, verbose=0)
-    return BATCH * STEPS / (time.perf_counter() - start)
+    return batch * STEPS / (time.perf_counter() - start)
 
 
 def read_throughput(records: str, prepared: str, batches: int = 400) -> float:
@@ -53,13 +65,16 @@ def read_throughput(records: str, prepared: str, batches: int = 400) -> float:
     from cifar_pipeline import records as rec
     from cifar_pipeline.prepare import load_meta
 
-    data = rec.training_dataset(records, BATCH, len(load_meta(prepared)["class_names"]), 0, True, 2)
+    cfg = train_params()
+    batch = cfg["batch_size"]
+    data = rec.training_dataset(records, batch, len(load_meta(prepared)["class_names"]), 0,
+                                cfg["online_flip"], cfg["online_shift_px"])
     for _ in data.take(batches):  # first pass fills the in-memory cache
         pass
     start = time.perf_counter()
     for _ in data.take(batches):
         pass
-    return BATCH * batches / (time.perf_counter() - start)
+    return batch * batches / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -88,6 +103,13 @@ def main() -> None:
         print(f"{mode:8s} images/s: " + ", ".join(f"{v:.0f}" for v in values) + f"  (best {best[mode]:.0f})")
     print(f"project / naive training throughput: {best['project'] / best['naive']:.2f}x")
     print(f"TFRecord read / project training throughput: {best['read'] / best['project']:.1f}x")
+    cfg = train_params()
+    from cifar_pipeline.records import read_info
+
+    per_epoch = read_info(args.records)["sizes"]["train"] // cfg["batch_size"] * cfg["batch_size"]
+    print(f"one epoch ({per_epoch} images, {cfg['arch']}, batch {cfg['batch_size']}): "
+          f"naive {per_epoch / best['naive']:.0f} s, project {per_epoch / best['project']:.0f} s; "
+          f"{cfg['epochs']} epochs: project {cfg['epochs'] * per_epoch / best['project'] / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ import keras
 import numpy as np
 import pytest
 
-from cifar_pipeline.models import ARCHITECTURES, build_model
+from cifar_pipeline.models import ARCHITECTURES, WHITENING_LAYER, build_model
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
@@ -28,3 +28,29 @@ def test_normalisation_uses_the_given_statistics():
 def test_unknown_architecture():
     with pytest.raises(ValueError, match="unknown architecture 'lenet'; allowed: fast"):
         build_model("lenet", 10, [0, 0, 0], [1, 1, 1])
+
+
+def test_whitening_stem_decorrelates_patches_and_stays_frozen(tmp_path):
+    rng = np.random.default_rng(0)
+    # Correlated channels and smooth neighbours, like natural images.
+    base = rng.normal(size=(400, 33, 33, 1)).cumsum(axis=1).cumsum(axis=2)[:, :32, :32]
+    images = np.clip(128 + 4 * np.concatenate([base, 0.8 * base + rng.normal(size=base.shape),
+                                               0.5 * base + 3 * rng.normal(size=base.shape)], -1),
+                     0, 255).astype(np.uint8)
+    mean, std = images.mean(axis=(0, 1, 2)), images.std(axis=(0, 1, 2))
+    model = build_model("fast", 10, mean, std, sample_images=images)
+    stem = model.get_layer(WHITENING_LAYER)
+    assert not stem.trainable and all(w is not stem.kernel for w in model.trainable_weights)
+    features = keras.Model(model.input, stem.output).predict(images, verbose=0)
+    half = features.shape[-1] // 2
+    covariance = np.cov(features[..., :half].reshape(-1, half), rowvar=False)
+    # Uncorrelated, and each direction's variance is eigenvalue / (eigenvalue + eps): 1 for all
+    # but the faintest directions, never above 1.
+    variances = np.diag(covariance)
+    np.testing.assert_allclose(covariance - np.diag(variances), 0, atol=1e-4)
+    assert variances.max() < 1.001 and np.sort(variances)[half // 2:].min() > 0.9
+    np.testing.assert_allclose(features[..., half:], -features[..., :half], atol=1e-5)
+    model.save(tmp_path / "fast.keras")
+    reloaded = keras.models.load_model(tmp_path / "fast.keras")
+    assert not reloaded.get_layer(WHITENING_LAYER).trainable
+    np.testing.assert_allclose(reloaded.get_layer(WHITENING_LAYER).get_weights()[0], stem.get_weights()[0])

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import keras
 import numpy as np
 
 from cifar_pipeline import atomic, records
 from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.models import build_model
 from cifar_pipeline.prepare import load_meta, load_split
-from cifar_pipeline.train import fit, learning_rate, make_optimizer
+from cifar_pipeline.train import compute_policy, fit, learning_rate, make_optimizer
 
 WHITENING_SAMPLE = 5000
 
@@ -17,7 +18,7 @@ WHITENING_SAMPLE = 5000
 def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, live_dir: Path,
                   arch: str, epochs: int, batch_size: int, optimizer: str, lr: float, momentum: float,
                   weight_decay: float, label_smoothing: float, schedule: str, warmup_epochs: float,
-                  patience: int, online_flip: bool, online_shift_px: int, seed: int) -> dict:
+                  patience: int, online_flip: bool, online_shift_px: int, precision: str, seed: int) -> dict:
     """Train `arch` and save the weights of its best validation epoch; return the Keras history."""
     meta = load_meta(prepared_dir)
     num_classes = len(meta["class_names"])
@@ -25,6 +26,9 @@ def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, li
     if batch_size > train_size:
         raise PipelineError(f"train.batch_size={batch_size} exceeds the {train_size} training records")
     steps = train_size // batch_size
+    policy = compute_policy(precision)
+    keras.mixed_precision.set_global_policy(policy)
+    print(f"train: {arch} in {policy}")
     # A few thousand images estimate the 12x12 patch covariance of a whitening stem well.
     sample = np.asarray(load_split(prepared_dir, "train", mmap=True).images[:WHITENING_SAMPLE])
     model = build_model(arch, num_classes, meta["mean"], meta["std"], sample_images=sample)
