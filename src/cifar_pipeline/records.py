@@ -2,8 +2,8 @@
 
 Each record is an `Example` with the raw 32x32x3 uint8 bytes and an int label:
 raw bytes decode far faster than PNG/JPEG, so reading never limits training.
-Flip, shift and cutout are applied online per batch (cheap, vectorised, fresh
-every epoch); the costlier rotation and zoom are cached by the augment stage.
+Flip and shift are applied online per batch (cheap, vectorised, fresh every
+epoch); the costlier rotation and zoom are cached by the augment stage.
 """
 from __future__ import annotations
 
@@ -58,38 +58,29 @@ def _parse_batch(serialized, num_classes: int):
     return images, tf.one_hot(parsed["label"], num_classes)
 
 
-def online_augment(images, seed, flip: bool, shift_px: int, cutout_px: int = 0):
-    """Flip half the images left-right, translate each by up to `shift_px` pixels,
-    and blank a random `cutout_px` square of each (mid-grey, may overlap the edge).
+def random_flip_shift(images, seed, flip: bool, shift_px: int):
+    """Flip half the images left-right and translate each by up to `shift_px` pixels.
 
     Shifts pad by reflection and crop at a random offset per image; `seed` is a
     stateless seed pair, so a given step always sees the same augmentation.
     """
     batch = tf.shape(images)[0]
-    height, width = IMAGE_SHAPE[:2]
     if flip:
         coin = tf.random.stateless_uniform([batch], seed=seed) < 0.5
         images = tf.where(coin[:, None, None, None], tf.reverse(images, axis=[2]), images)
     if shift_px:
+        height, width = IMAGE_SHAPE[:2]
         padded = tf.pad(images, [[0, 0], [shift_px, shift_px], [shift_px, shift_px], [0, 0]], mode="REFLECT")
         offsets = tf.random.stateless_uniform([batch, 2], seed=seed + 1, maxval=2 * shift_px + 1, dtype=tf.int32)
         rows = offsets[:, :1] + tf.range(height)[None]
         cols = offsets[:, 1:] + tf.range(width)[None]
         images = tf.gather(padded, rows, axis=1, batch_dims=1)
         images = tf.gather(images, cols, axis=2, batch_dims=1)
-    if cutout_px:
-        # Centres anywhere in the image, so squares near the edge are partly outside.
-        centres = tf.random.stateless_uniform([batch, 2], seed=seed + 2, maxval=height, dtype=tf.int32)
-        low, high = centres - cutout_px // 2, centres - cutout_px // 2 + cutout_px
-        in_rows = (tf.range(height)[None] >= low[:, :1]) & (tf.range(height)[None] < high[:, :1])
-        in_cols = (tf.range(width)[None] >= low[:, 1:]) & (tf.range(width)[None] < high[:, 1:])
-        square = in_rows[:, :, None, None] & in_cols[:, None, :, None]
-        images = tf.where(square, tf.constant(128, images.dtype), images)
     return images
 
 
 def training_dataset(directory: Path, batch_size: int, num_classes: int, seed: int,
-                     online_flip: bool, online_shift_px: int, online_cutout_px: int = 0) -> tf.data.Dataset:
+                     online_flip: bool, online_shift_px: int) -> tf.data.Dataset:
     """Endless shuffled batches of (uint8 images, one-hot labels); use with steps_per_epoch."""
     files = tf.data.Dataset.from_tensor_slices(shard_paths(directory, "train"))
     data = (tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE)
@@ -103,7 +94,7 @@ def training_dataset(directory: Path, batch_size: int, num_classes: int, seed: i
     def augment(step, batch):
         images, labels = batch
         step_seed = tf.stack([tf.cast(seed, tf.int64), step])
-        return online_augment(images, step_seed, online_flip, online_shift_px, online_cutout_px), labels
+        return random_flip_shift(images, step_seed, online_flip, online_shift_px), labels
 
     return data.map(augment, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
