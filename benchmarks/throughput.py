@@ -19,18 +19,20 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import yaml
 
 WARMUP_STEPS, STEPS = 5, 40
 
 
-def train_params() -> dict:
-    return yaml.safe_load(open("params.yaml"))["train"]
+def train_params(arch: str | None = None) -> dict:
+    cfg = yaml.safe_load(open("params.yaml"))["train"]
+    return {**cfg, "arch": arch or cfg["arch"]}
 
 
-def measure(mode: str, records: str, prepared: str) -> float:
-    """Training images/s of the default model over STEPS steps, after warm-up."""
+def measure(mode: str, records: str, prepared: str, arch: str | None) -> float:
+    """Training images/s of the default model (or `arch`) over STEPS steps, after warm-up."""
     import keras
     import numpy as np
 
@@ -38,7 +40,7 @@ def measure(mode: str, records: str, prepared: str) -> float:
     from cifar_pipeline.models import build_model
     from cifar_pipeline.prepare import load_meta, load_split
 
-    cfg = train_params()
+    cfg = train_params(arch)
     batch = cfg["batch_size"]
     meta = load_meta(prepared)
     model = build_model(cfg["arch"], len(meta["class_names"]), meta["mean"], meta["std"],
@@ -82,11 +84,12 @@ def main() -> None:
     parser.add_argument("--records", default="data/records")
     parser.add_argument("--prepared", default="data/prepared")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--arch", help="another train.arch than params.yaml's")
     parser.add_argument("--child", choices=["naive", "project", "read"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         value = (read_throughput(args.records, args.prepared) if args.child == "read"
-                 else measure(args.child, args.records, args.prepared))
+                 else measure(args.child, args.records, args.prepared, args.arch))
         print(json.dumps({"images_per_s": value}))
         return
     results: dict[str, list[float]] = {"naive": [], "project": [], "read": []}
@@ -94,19 +97,19 @@ def main() -> None:
     for _ in range(args.repeats):
         for mode in results:
             env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn[mode], "TF_CPP_MIN_LOG_LEVEL": "3"}
-            out = subprocess.run([sys.executable, __file__, "--child", mode, "--records", args.records,
-                                  "--prepared", args.prepared], env=env, capture_output=True, text=True,
-                                 check=True)
+            command = [sys.executable, __file__, "--child", mode, "--records", args.records,
+                       "--prepared", args.prepared] + (["--arch", args.arch] if args.arch else [])
+            out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
             results[mode].append(json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"])
     best = {mode: max(values) for mode, values in results.items()}
     for mode, values in results.items():
         print(f"{mode:8s} images/s: " + ", ".join(f"{v:.0f}" for v in values) + f"  (best {best[mode]:.0f})")
     print(f"project / naive training throughput: {best['project'] / best['naive']:.2f}x")
     print(f"TFRecord read / project training throughput: {best['read'] / best['project']:.1f}x")
-    cfg = train_params()
-    from cifar_pipeline.records import read_info
-
-    per_epoch = read_info(args.records)["sizes"]["train"] // cfg["batch_size"] * cfg["batch_size"]
+    cfg = train_params(args.arch)
+    # info.json read directly: the parent process never imports TensorFlow.
+    train_size = json.loads((Path(args.records) / "info.json").read_text())["sizes"]["train"]
+    per_epoch = train_size // cfg["batch_size"] * cfg["batch_size"]
     print(f"one epoch ({per_epoch} images, {cfg['arch']}, batch {cfg['batch_size']}): "
           f"naive {per_epoch / best['naive']:.0f} s, project {per_epoch / best['project']:.0f} s; "
           f"{cfg['epochs']} epochs: project {cfg['epochs'] * per_epoch / best['project'] / 60:.1f} min")
