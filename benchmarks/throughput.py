@@ -21,13 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
+from cifar_pipeline import params as params_lib
 
 WARMUP_STEPS, STEPS = 5, 40
 
 
 def train_params(arch: str | None = None) -> dict:
-    cfg = yaml.safe_load(open("params.yaml"))["train"]
+    cfg = params_lib.load("params.yaml")["train"]  # validated, as the stages read it
     return {**cfg, "arch": arch or cfg["arch"]}
 
 
