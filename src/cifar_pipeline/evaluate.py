@@ -9,11 +9,10 @@ import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix, log_loss
 
 from cifar_pipeline import atomic, plots
+from cifar_pipeline import models  # noqa: F401  registers the fast net's layers for loading
 from cifar_pipeline.backbones import ImageNetPreprocessing  # noqa: F401  registers the layer for loading
+from cifar_pipeline.params import TTA_MODES
 from cifar_pipeline.prepare import load_meta, load_split
-
-
-TTA_MODES = ("none", "flip", "flip_shift")
 
 
 def _shift(images: np.ndarray, dy: int, dx: int) -> np.ndarray:

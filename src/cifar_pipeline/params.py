@@ -22,6 +22,8 @@ BACKBONES = (
     "resnet50", "resnet101_v2", "densenet121", "vgg16", "vgg19", "xception",
     "inception_resnet_v2",
 )
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+TTA_MODES = ("none", "flip", "flip_shift")
 
 
 class ParamsError(PipelineError, ValueError):
@@ -129,7 +131,7 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "patience": _int(1, 1000),
         "online_flip": Spec("bool"),
         "online_shift_px": _int(0, 8),
-        "precision": _choice("auto", "float32", "mixed_float16", "mixed_bfloat16"),
+        "precision": _choice(*PRECISIONS),
         "seed": SEED,
     },
     "transfer": {
@@ -152,7 +154,7 @@ SCHEMA: dict[str, dict[str, Spec]] = {
     },
     "evaluate": {
         "batch_size": _int(1, 65536),
-        "tta": _choice("none", "flip", "flip_shift"),
+        "tta": _choice(*TTA_MODES),
         "misclassified": _int(0, 100),
     },
 }

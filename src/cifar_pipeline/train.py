@@ -17,8 +17,8 @@ from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 
 from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.params import PRECISIONS
 
-PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 # Tensor cores arrived with compute capability 7.0 (Volta).
 TENSOR_CORE_CAPABILITY = (7, 0)
 
