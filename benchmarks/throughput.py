@@ -5,7 +5,8 @@
 Each setting runs in its own subprocess (oneDNN is fixed at TensorFlow import),
 alternating, so both see the same machine load:
 - naive: Keras defaults, `model.fit` on in-memory numpy arrays, oneDNN off;
-- project: oneDNN on, batches from the TFRecord shards through `tf.data`.
+- project: oneDNN on, `train.precision` (auto: mixed bfloat16 on CPUs with
+  bfloat16 instructions), batches from the TFRecord shards through `tf.data`.
 Also prints how fast the shards alone are read and decoded, and the time one
 training epoch takes each way. The model, batch size and online augmentation
 are those of `train` in params.yaml. Needs the outputs of the prepare and
@@ -39,9 +40,12 @@ def measure(mode: str, records: str, prepared: str, arch: str | None) -> float:
     from cifar_pipeline import records as rec
     from cifar_pipeline.models import build_model
     from cifar_pipeline.prepare import load_meta, load_split
+    from cifar_pipeline.train import compute_policy
 
     cfg = train_params(arch)
     batch = cfg["batch_size"]
+    if mode == "project":
+        keras.mixed_precision.set_global_policy(compute_policy(cfg["precision"]))
     meta = load_meta(prepared)
     model = build_model(cfg["arch"], len(meta["class_names"]), meta["mean"], meta["std"],
                         sample_images=load_split(prepared, "train", mmap=True).images[:1000])

@@ -3,7 +3,7 @@ import keras
 import numpy as np
 import pytest
 
-from cifar_pipeline.backbones import BACKBONES, ImageNetPreprocessing, build_feature_extractor
+from cifar_pipeline.backbones import BACKBONES, LITE0, ImageNetPreprocessing, build_feature_extractor
 from cifar_pipeline.errors import PipelineError
 
 PREPROCESS = {
@@ -19,13 +19,14 @@ def test_preprocessing_layer_matches_keras_applications(mode):
     np.testing.assert_allclose(ImageNetPreprocessing(mode)(x), PREPROCESS[mode](x.copy()), rtol=1e-5, atol=1e-4)
 
 
-def test_each_spec_names_a_keras_application():
+def test_each_spec_names_a_keras_application_or_lite0():
     for spec in BACKBONES.values():
-        assert hasattr(keras.applications, spec.constructor)
+        assert spec.constructor == LITE0 or hasattr(keras.applications, spec.constructor)
 
 
-def test_extractor_takes_uint8_resizes_in_graph_and_round_trips(tmp_path):
-    extractor = build_feature_extractor("mobilenet_v2", 48, "none")
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", LITE0])
+def test_extractor_takes_uint8_resizes_in_graph_and_round_trips(tmp_path, backbone):
+    extractor = build_feature_extractor(backbone, 48, "none")
     assert not extractor.trainable_weights
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     features = extractor.predict(images, verbose=0)
@@ -51,3 +52,18 @@ def test_local_weights_file_is_loaded(tmp_path):
     loaded = extractor.get_layer(source.name).get_weights()
     for a, b in zip(loaded, source.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_lite0_imagenet_weights_come_from_the_installed_package_not_the_network(monkeypatch):
+    import urllib.request
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(urllib.request, "urlretrieve", no_network)
+    with_weights = build_feature_extractor(LITE0, 32, "imagenet")
+    random = build_feature_extractor(LITE0, 32, "none")
+    stem = [layer for layer in with_weights.layers if layer.name == "efficientnet_lite0"][0].get_layer("conv_stem")
+    assert not np.allclose(stem.get_weights()[0], random.get_layer("efficientnet_lite0").get_layer("conv_stem")
+                           .get_weights()[0])

@@ -2,8 +2,9 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from cifar_pipeline.models import ARCHITECTURES, WHITENING_LAYER, build_model
+from cifar_pipeline.models import ARCHITECTURES, WHITENING_LAYER, PartialIdentity, ScaledBias, build_model
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
@@ -54,3 +55,30 @@ def test_whitening_stem_decorrelates_patches_and_stays_frozen(tmp_path):
     reloaded = keras.models.load_model(tmp_path / "fast.keras")
     assert not reloaded.get_layer(WHITENING_LAYER).trainable
     np.testing.assert_allclose(reloaded.get_layer(WHITENING_LAYER).get_weights()[0], stem.get_weights()[0])
+
+
+def test_scaled_bias_learns_scale_squared_faster_under_sgd():
+    def bias_after_one_step(layer):
+        x = np.zeros((4, 3), np.float32)
+        layer(x)  # builds it
+        optimizer = keras.optimizers.SGD(0.01)
+        with tf.GradientTape() as tape:
+            loss = keras.ops.sum(layer(x) * np.array([1.0, -2.0, 3.0], np.float32))
+        optimizer.apply_gradients(zip(tape.gradient(loss, layer.trainable_weights), layer.trainable_weights))
+        return layer(x).numpy()[0]
+
+    plain = bias_after_one_step(keras.layers.Dense(3, kernel_initializer="zeros"))
+    scaled = bias_after_one_step(ScaledBias(8.0))
+    np.testing.assert_allclose(scaled, 64 * plain, rtol=1e-5)
+    assert ScaledBias.from_config(ScaledBias(8.0).get_config()).scale == 8.0
+
+
+@pytest.mark.parametrize("channels_in, channels_out", [(24, 64), (64, 32)])
+def test_partial_identity_kernels_pass_the_first_channels_through(channels_in, channels_out):
+    kernel = keras.ops.convert_to_numpy(PartialIdentity()((3, 3, channels_in, channels_out)))
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, channels_in)).astype(np.float32)
+    y = keras.ops.convert_to_numpy(keras.ops.conv(x, kernel, padding="same"))
+    n = min(channels_in, channels_out)
+    np.testing.assert_allclose(y[..., :n], x[..., :n], atol=1e-5)
+    if channels_out > n:  # the other filters keep their random (Glorot) initialisation
+        assert np.abs(kernel[..., n:]).std() > 0.01

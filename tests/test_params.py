@@ -25,7 +25,7 @@ def test_committed_params_are_valid(good):
     ("train", "epochs", 2.5, "train.epochs = 2.5 is invalid; allowed: an integer >= 1"),
     ("train", "epochs", True, "train.epochs = True is invalid"),
     ("train", "arch", "resnet9000", "train.arch = 'resnet9000' is invalid; allowed: one of fast, vgg_mish"),
-    ("transfer", "backbone", "alexnet", "transfer.backbone = 'alexnet' is invalid; allowed: one of mobilenet_v2"),
+    ("transfer", "backbone", "alexnet", "transfer.backbone = 'alexnet' is invalid; allowed: one of efficientnet_lite0, mobilenet_v2"),
     ("data", "dataset", "mnist", "data.dataset = 'mnist' is invalid; allowed: one of cifar10, cifar100"),
     ("data", "md5", "xyz", "data.md5 = 'xyz' is invalid; allowed: a string matching [0-9a-f]{32} or null"),
     ("augment", "flip", "yes", "augment.flip = 'yes' is invalid; allowed: true or false"),

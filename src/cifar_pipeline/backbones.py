@@ -1,8 +1,11 @@
-"""Frozen `keras.applications` backbones as uint8-in, feature-vector-out models.
+"""Frozen ImageNet backbones as uint8-in, feature-vector-out models.
 
-Each backbone gets its own ImageNet preprocessing, done by a registered layer
-inside the graph, so the feature extractor (and any model built on it) takes
-raw uint8 images and saves and loads as plain `.keras`.
+The `keras.applications` backbones download their ImageNet weights on first
+use; EfficientNet-Lite0 (src/cifar_pipeline/efficientnet_lite.py) reads them
+from an installed package, so it works with no internet. Each backbone gets its
+own ImageNet preprocessing, done by a registered layer inside the graph, so the
+feature extractor (and any model built on it) takes raw uint8 images and saves
+and loads as plain `.keras`.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from pathlib import Path
 import keras
 from keras import layers, ops
 
+from cifar_pipeline import efficientnet_lite
 from cifar_pipeline.errors import PipelineError
 
 # keras.applications' preprocess_input modes, as constants the layer can serialize.
@@ -51,12 +55,14 @@ class ImageNetPreprocessing(layers.Layer):
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    constructor: str  # attribute of keras.applications
+    constructor: str  # attribute of keras.applications, or LITE0
     preprocessing: str
     min_size: int  # smallest input side keras.applications accepts
 
 
+LITE0 = "efficientnet_lite0"
 BACKBONES = {
+    LITE0: BackboneSpec(LITE0, "none", 32),  # scales its input itself
     "mobilenet_v2": BackboneSpec("MobileNetV2", "tf", 32),
     "efficientnet_b0": BackboneSpec("EfficientNetB0", "none", 32),
     "efficientnet_b1": BackboneSpec("EfficientNetB1", "none", 32),
@@ -72,7 +78,8 @@ BACKBONES = {
 
 
 def resolve_weights(weights: str) -> str | None:
-    """`imagenet` (Keras downloads and caches it), `none` (random init) or a weights file."""
+    """`imagenet` (Keras downloads and caches it; Lite0 reads it from its package), `none`
+    (random init) or a weights file (for Lite0: a PyTorch state dict in the legacy format)."""
     if weights == "imagenet":
         return "imagenet"
     if weights == "none":
@@ -91,11 +98,21 @@ def build_feature_extractor(backbone: str, image_size: int, weights: str) -> ker
     if image_size < spec.min_size:
         raise PipelineError(f"transfer.image_size = {image_size} is too small for {backbone}; "
                          f"it needs at least {spec.min_size}")
-    constructor = getattr(keras.applications, spec.constructor)
-    net = constructor(include_top=False, weights=resolve_weights(weights),
-                      input_shape=(image_size, image_size, 3), pooling="avg")
+    if spec.constructor == LITE0:
+        net = _lite0(image_size, resolve_weights(weights))
+    else:
+        constructor = getattr(keras.applications, spec.constructor)
+        net = constructor(include_top=False, weights=resolve_weights(weights),
+                          input_shape=(image_size, image_size, 3), pooling="avg")
     net.trainable = False
     inputs = keras.Input((32, 32, 3), dtype="uint8", name="image")
     x = layers.Resizing(image_size, image_size, interpolation="bilinear", name="resize")(inputs)
     x = ImageNetPreprocessing(spec.preprocessing, name="imagenet_preprocessing")(x)
     return keras.Model(inputs, net(x, training=False), name=f"{backbone}_features")
+
+
+def _lite0(image_size: int, weights: str | None) -> keras.Model:
+    net = efficientnet_lite.efficientnet_lite0((image_size, image_size, 3), include_top=False, pooling="avg")
+    if weights is not None:
+        efficientnet_lite.load_imagenet_weights(net, None if weights == "imagenet" else weights)
+    return net

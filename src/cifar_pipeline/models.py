@@ -63,14 +63,14 @@ class ScaledBias(layers.Layer):
 @keras.saving.register_keras_serializable("cifar_pipeline")
 class PartialIdentity(keras.initializers.Initializer):
     """Glorot-uniform conv kernels whose first min(in, out) filters pass their own
-    input channel through unchanged (a Dirac delta), so a fresh deep stack starts
-    close to the identity and trains from the first step."""
+    input channel through unchanged (a Dirac delta, nothing from other channels),
+    so a fresh deep stack starts close to the identity and trains from the first step."""
 
     def __call__(self, shape, dtype=None):
         height, width, channels_in, channels_out = shape
         kernel = keras.ops.convert_to_numpy(keras.initializers.GlorotUniform()(shape, "float32"))
         n = min(channels_in, channels_out)
-        kernel[:, :, :n, :n] = 0.0
+        kernel[..., :n] = 0.0
         kernel[height // 2, width // 2, np.arange(n), np.arange(n)] = 1.0
         return keras.ops.convert_to_tensor(kernel, dtype=dtype)
 

@@ -18,7 +18,7 @@ from cifar_pipeline.errors import PipelineError
 
 ARCHITECTURES = ("fast", "vgg_mish", "gap_cnn", "resnet20", "ann")
 BACKBONES = (
-    "mobilenet_v2", "efficientnet_b0", "efficientnet_b1", "efficientnet_v2_b0",
+    "efficientnet_lite0", "mobilenet_v2", "efficientnet_b0", "efficientnet_b1", "efficientnet_v2_b0",
     "resnet50", "resnet101_v2", "densenet121", "vgg16", "vgg19", "xception",
     "inception_resnet_v2",
 )
