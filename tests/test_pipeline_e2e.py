@@ -79,7 +79,8 @@ def test_repro_then_experiment_then_metrics_and_plots(repo):
 
     diff = _run(["dvc", "metrics", "diff", "--json"], repo)
     changed = json.loads(diff.stdout)
-    assert "metrics/scratch.json" in changed and "accuracy" in changed["metrics/scratch.json"]
+    # On 30 test images the accuracy of two tiny runs may tie; the loss does not.
+    assert "metrics/scratch.json" in changed and "loss" in changed["metrics/scratch.json"]
     assert "metrics/transfer.json" not in changed
 
     shown = _run(["dvc", "exp", "show", "--json"], repo)
