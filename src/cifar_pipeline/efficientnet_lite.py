@@ -34,19 +34,18 @@ class Stage(NamedTuple):
     kernel: int
     stride: int
     expand: int
-    channels_in: int
-    channels_out: int
+    channels_out: int  # a stage's input width is the previous one's output (the stem's 32 for the first)
 
 
 # efficientnet-lite0: width and depth multipliers 1.0, 224 px.
 LITE0_STAGES = (
-    Stage(1, 3, 1, 1, 32, 16),
-    Stage(2, 3, 2, 6, 16, 24),
-    Stage(2, 5, 2, 6, 24, 40),
-    Stage(3, 3, 2, 6, 40, 80),
-    Stage(3, 5, 1, 6, 80, 112),
-    Stage(4, 5, 2, 6, 112, 192),
-    Stage(1, 3, 1, 6, 192, 320),
+    Stage(1, 3, 1, 1, 16),
+    Stage(2, 3, 2, 6, 24),
+    Stage(2, 5, 2, 6, 40),
+    Stage(3, 3, 2, 6, 80),
+    Stage(3, 5, 1, 6, 112),
+    Stage(4, 5, 2, 6, 192),
+    Stage(1, 3, 1, 6, 320),
 )
 
 

@@ -24,8 +24,10 @@ def _normalized_input(mean, std):
     return inputs, x
 
 
-def _classifier(x, num_classes: int):
-    x = layers.Dense(num_classes, name="logits")(x)
+def _classifier(x, num_classes: int, use_bias: bool = True, logit_scale: float | None = None):
+    x = layers.Dense(num_classes, use_bias=use_bias, name="logits")(x)
+    if logit_scale is not None:
+        x = layers.Rescaling(logit_scale, name="logit_scale")(x)
     # float32 even under mixed precision, so probabilities and the loss stay accurate.
     return layers.Activation("softmax", dtype="float32", name="probabilities")(x)
 
@@ -100,9 +102,7 @@ def _fast(x, num_classes):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=PartialIdentity())(x)
         x = layers.Activation("gelu")(_fast_batchnorm(x))
     x = layers.GlobalMaxPooling2D()(x)
-    x = layers.Dense(num_classes, use_bias=False, name="logits")(x)
-    x = layers.Rescaling(LOGIT_SCALE, name="logit_scale")(x)
-    return layers.Activation("softmax", dtype="float32", name="probabilities")(x)
+    return _classifier(x, num_classes, use_bias=False, logit_scale=LOGIT_SCALE)
 
 
 def patch_whitening_kernel(images: np.ndarray, mean, std, eps: float = 5e-4) -> np.ndarray:
