@@ -59,7 +59,8 @@ def measure(mode: str, records: str, prepared: str, arch: str | None) -> float:
         model.fit(x[batch * WARMUP_STEPS:], y[batch * WARMUP_STEPS:], batch_size=batch, verbose=0)
     else:
         data = rec.training_dataset(records, batch, len(meta["class_names"]), 0,
-                                    cfg["online_flip"], cfg["online_shift_px"])
+                                    cfg["online_flip"], cfg["online_shift_px"],
+                                    cfg["online_cutout_px"], meta["mean"])
         model.fit(data, steps_per_epoch=WARMUP_STEPS, verbose=0)
         start = time.perf_counter()
         model.fit(data, steps_per_epoch=STEPS, verbose=0)
@@ -73,8 +74,9 @@ def read_throughput(records: str, prepared: str, batches: int = 400) -> float:
 
     cfg = train_params()
     batch = cfg["batch_size"]
-    data = rec.training_dataset(records, batch, len(load_meta(prepared)["class_names"]), 0,
-                                cfg["online_flip"], cfg["online_shift_px"])
+    meta = load_meta(prepared)
+    data = rec.training_dataset(records, batch, len(meta["class_names"]), 0, cfg["online_flip"],
+                                cfg["online_shift_px"], cfg["online_cutout_px"], meta["mean"])
     for _ in data.take(batches):  # first pass fills the in-memory cache
         pass
     start = time.perf_counter()

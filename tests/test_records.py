@@ -75,3 +75,20 @@ def test_online_flip_and_shift():
         assert any(np.array_equal(got[dy:dy + 26, dx:dx + 26], centre) for dy in range(7) for dx in range(7))
     np.testing.assert_array_equal(records.random_flip_shift(images, seed, True, 3),
                                   records.random_flip_shift(images, seed, True, 3))
+
+
+def test_online_cutout_paints_one_clipped_square_with_the_fill():
+    images = tf.fill((64, 32, 32, 3), tf.constant(200, tf.uint8))
+    fill = (125.2, 122.9, 113.8)
+    out = records.random_flip_shift(images, tf.constant([1, 2], tf.int64), flip=False, shift_px=0,
+                                    cutout_px=8, fill=fill).numpy()
+    holes = np.all(out == np.array([125, 123, 114], np.uint8), axis=-1)
+    assert np.all(holes | np.all(out == 200, axis=-1))  # every pixel is either untouched or filled
+    sizes = []
+    for hole in holes:
+        rows, cols = np.nonzero(hole.any(1))[0], np.nonzero(hole.any(0))[0]
+        assert rows.size and hole[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()  # one solid rectangle
+        assert rows.size <= 8 and cols.size <= 8
+        sizes.append(hole.sum())
+    # Squares near the border are clipped; most land whole.
+    assert max(sizes) == 64 and min(sizes) < 64

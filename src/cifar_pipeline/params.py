@@ -131,6 +131,7 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "patience": _int(1, 1000),
         "online_flip": Spec("bool"),
         "online_shift_px": _int(0, 8),
+        "online_cutout_px": _int(0, 32),
         "precision": _choice(*PRECISIONS),
         "seed": SEED,
     },

@@ -2,7 +2,7 @@
 
 Each record is an `Example` with the raw 32x32x3 uint8 bytes and an int label:
 raw bytes decode far faster than PNG/JPEG, so reading never limits training.
-Flip and shift are applied online per batch (cheap, vectorised, fresh every
+Flip, shift and cutout are applied online per batch (cheap, vectorised, fresh every
 epoch); the costlier rotation and zoom are cached by the augment stage.
 """
 from __future__ import annotations
@@ -58,29 +58,42 @@ def _parse_batch(serialized, num_classes: int):
     return images, tf.one_hot(parsed["label"], num_classes)
 
 
-def random_flip_shift(images, seed, flip: bool, shift_px: int):
-    """Flip half the images left-right and translate each by up to `shift_px` pixels.
+def random_flip_shift(images, seed, flip: bool, shift_px: int, cutout_px: int = 0, fill=(0, 0, 0)):
+    """Flip half the images left-right, translate each by up to `shift_px` pixels,
+    and paint a `cutout_px` square at a random centre with `fill` (per channel).
 
-    Shifts pad by reflection and crop at a random offset per image; `seed` is a
-    stateless seed pair, so a given step always sees the same augmentation.
+    Shifts pad by reflection and crop at a random offset per image. The cutout
+    square may hang over the border, so edges are masked less often than the
+    middle, as in Cutout (DeVries & Taylor, 2017); filling with the mean pixel
+    makes the hole zero after normalisation. `seed` is a stateless seed pair, so
+    a given step always sees the same augmentation.
     """
     batch = tf.shape(images)[0]
+    height, width = IMAGE_SHAPE[:2]
     if flip:
         coin = tf.random.stateless_uniform([batch], seed=seed) < 0.5
         images = tf.where(coin[:, None, None, None], tf.reverse(images, axis=[2]), images)
     if shift_px:
-        height, width = IMAGE_SHAPE[:2]
         padded = tf.pad(images, [[0, 0], [shift_px, shift_px], [shift_px, shift_px], [0, 0]], mode="REFLECT")
         offsets = tf.random.stateless_uniform([batch, 2], seed=seed + 1, maxval=2 * shift_px + 1, dtype=tf.int32)
         rows = offsets[:, :1] + tf.range(height)[None]
         cols = offsets[:, 1:] + tf.range(width)[None]
         images = tf.gather(padded, rows, axis=1, batch_dims=1)
         images = tf.gather(images, cols, axis=2, batch_dims=1)
+    if cutout_px:
+        centres = tf.random.stateless_uniform([batch, 2], seed=seed + 2, maxval=height, dtype=tf.int32)
+        rows = tf.range(height)[None] - (centres[:, :1] - cutout_px // 2)
+        cols = tf.range(width)[None] - (centres[:, 1:] - cutout_px // 2)
+        in_rows = (rows >= 0) & (rows < cutout_px)
+        in_cols = (cols >= 0) & (cols < cutout_px)
+        hole = in_rows[:, :, None, None] & in_cols[:, None, :, None]
+        images = tf.where(hole, tf.constant(np.round(fill), images.dtype), images)
     return images
 
 
 def training_dataset(directory: Path, batch_size: int, num_classes: int, seed: int,
-                     online_flip: bool, online_shift_px: int) -> tf.data.Dataset:
+                     online_flip: bool, online_shift_px: int, online_cutout_px: int = 0,
+                     cutout_fill=(0, 0, 0)) -> tf.data.Dataset:
     """Endless shuffled batches of (uint8 images, one-hot labels); use with steps_per_epoch."""
     files = tf.data.Dataset.from_tensor_slices(shard_paths(directory, "train"))
     data = (tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE)
@@ -94,7 +107,8 @@ def training_dataset(directory: Path, batch_size: int, num_classes: int, seed: i
     def augment(step, batch):
         images, labels = batch
         step_seed = tf.stack([tf.cast(seed, tf.int64), step])
-        return random_flip_shift(images, step_seed, online_flip, online_shift_px), labels
+        return random_flip_shift(images, step_seed, online_flip, online_shift_px,
+                                 online_cutout_px, cutout_fill), labels
 
     return data.map(augment, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 

@@ -18,7 +18,8 @@ WHITENING_SAMPLE = 5000
 def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, live_dir: Path,
                   arch: str, epochs: int, batch_size: int, optimizer: str, lr: float, momentum: float,
                   weight_decay: float, label_smoothing: float, schedule: str, warmup_epochs: float,
-                  patience: int, online_flip: bool, online_shift_px: int, precision: str, seed: int) -> dict:
+                  patience: int, online_flip: bool, online_shift_px: int, online_cutout_px: int,
+                  precision: str, seed: int) -> dict:
     """Train `arch` and save the weights of its best validation epoch; return the Keras history."""
     meta = load_meta(prepared_dir)
     num_classes = len(meta["class_names"])
@@ -34,7 +35,8 @@ def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, li
     model = build_model(arch, num_classes, meta["mean"], meta["std"], sample_images=sample)
     history = fit(
         model,
-        records.training_dataset(records_dir, batch_size, num_classes, seed, online_flip, online_shift_px),
+        records.training_dataset(records_dir, batch_size, num_classes, seed, online_flip, online_shift_px,
+                                 online_cutout_px, cutout_fill=meta["mean"]),
         records.eval_dataset(records_dir, "val", max(batch_size, 256), num_classes),
         steps_per_epoch=steps, epochs=epochs,
         optimizer=make_optimizer(optimizer, learning_rate(schedule, lr, epochs, steps, warmup_epochs),
