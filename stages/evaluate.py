@@ -12,6 +12,7 @@ def main() -> None:
     parser.add_argument("--metrics", type=Path, required=True, help="output metrics JSON")
     parser.add_argument("--per-class", type=Path, required=True, help="output per-class precision/recall/F1 JSON")
     parser.add_argument("--predictions", type=Path, required=True, help="output CSV for the confusion plot")
+    parser.add_argument("--confused-pairs", type=Path, required=True, help="output CSV of the most confused pairs")
     parser.add_argument("--confusion-png", type=Path, required=True)
     parser.add_argument("--misclassified-png", type=Path, required=True)
     args = parser.parse_args()
@@ -20,6 +21,7 @@ def main() -> None:
 
     metrics = evaluate(model_path=args.model, prepared_dir=args.prepared, name=args.name,
                        metrics_path=args.metrics, per_class_path=args.per_class, predictions_path=args.predictions,
+                       confused_pairs_path=args.confused_pairs,
                        confusion_png=args.confusion_png, misclassified_png=args.misclassified_png, **cfg)
     print(f"evaluate: {args.name}: test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
 

@@ -13,13 +13,16 @@ def main() -> None:
     parser.add_argument("--live-dir", type=Path, required=True, help="DVCLive directory")
     parser.add_argument("--curves-png", type=Path, required=True)
     args = parser.parse_args()
-    cfg = stage.load_params(args)["head"]
+    params = stage.load_params(args)
+    cfg = params["head"]
     stage.set_seed(cfg["seed"])
+    fine_tune = {k: v for k, v in params["transfer"].items() if k.startswith("fine_tune_")}
     from cifar_pipeline.head import train_head
 
     history = train_head(features_dir=args.features, prepared_dir=args.prepared, extractor_path=args.extractor,
-                         model_path=args.model, live_dir=args.live_dir, **cfg)
-    plots.learning_curves(history, f"Transfer head ({cfg['kind']})", args.curves_png)
+                         model_path=args.model, live_dir=args.live_dir, **cfg, **fine_tune)
+    plots.learning_curves(history, f"Transfer head ({cfg['kind']})", args.curves_png,
+                          x_label="trees" if cfg["kind"] == "random_forest" else "epoch")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""Scoring: accuracy, loss, per-class report and top-5 on known predictions."""
+"""Scoring: accuracy, loss, per-class report and top-5 on known predictions; confusion reports."""
 import numpy as np
 import pytest
 
-from cifar_pipeline.evaluate import predict_proba, score, tta_views
+import csv
+
+from cifar_pipeline.evaluate import (most_confused, predict_proba, score, superclass_order, tta_views,
+                                     write_confused_pairs_csv)
 
 
 def test_score_on_known_predictions():
@@ -54,3 +57,47 @@ def test_predictions_average_over_the_views():
     assert predict_proba(Brightness(), images, 8, "none")[0, 0] == pytest.approx(1.0)
     # The mirror view moves the bright pixel to the top-right corner.
     assert predict_proba(Brightness(), images, 8, "flip")[0, 0] == pytest.approx(0.5)
+
+
+def test_superclass_order_groups_classes_and_keeps_cifar10_order():
+    names = ["oak", "bee", "maple", "ant"]
+    assert superclass_order(names, None).tolist() == [0, 1, 2, 3]
+    groups = ["trees", "insects", "trees", "insects"]
+    assert [names[i] for i in superclass_order(names, groups)] == ["ant", "bee", "maple", "oak"]
+
+
+def test_most_confused_pairs_in_order_with_shares(tmp_path):
+    matrix = np.array([[5, 3, 0],
+                       [1, 8, 0],
+                       [4, 0, 2]])
+    assert most_confused(matrix, top=5) == [(2, 0), (0, 1), (1, 0)]  # diagonal and zero cells left out
+    assert most_confused(matrix, top=1) == [(2, 0)]
+    path = tmp_path / "pairs.csv"
+    write_confused_pairs_csv(path, matrix, ["cat", "dog", "fox"], ["pets", "pets", "wild"], top=2)
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["actual"], r["predicted"], r["count"]) for r in rows] == [("fox", "cat", "4"), ("cat", "dog", "3")]
+    assert float(rows[0]["share_of_actual"]) == pytest.approx(4 / 6, abs=1e-4)
+    assert rows[0]["actual_superclass"] == "wild" and rows[0]["predicted_superclass"] == "pets"
+
+
+def test_cifar100_evaluation_reports_top5_and_superclass_pairs(cifar100_archive, tmp_path):
+    from cifar_pipeline.evaluate import evaluate
+    from cifar_pipeline.models import build_model
+    from cifar_pipeline.prepare import prepare
+
+    archive, _ = cifar100_archive
+    meta = prepare(archive, tmp_path / "prepared", "cifar100", "fine", val_fraction=0.25, limit=None, seed=0)
+    assert meta["superclasses"][:2] == ["coarse0", "coarse1"]
+    model = build_model("ann", 100, meta["mean"], meta["std"])
+    model.save(tmp_path / "m.keras")
+    out = {k: tmp_path / v for k, v in dict(
+        metrics_path="m.json", per_class_path="pc.json", predictions_path="p.csv", confused_pairs_path="cp.csv",
+        confusion_png="c.png", misclassified_png="w.png").items()}
+    metrics = evaluate(model_path=tmp_path / "m.keras", prepared_dir=tmp_path / "prepared", name="t",
+                       batch_size=64, tta="none", misclassified=4, confused_pairs=10, **out)
+    assert "top5_accuracy" in metrics and metrics["test_images"] == 200
+    rows = list(csv.DictReader(out["confused_pairs_path"].open()))
+    assert 0 < len(rows) <= 10
+    for row in rows:  # synthetic superclass of fine class i is coarse(i % 20)
+        assert row["actual_superclass"] == f"coarse{int(row['actual'][4:]) % 20}"
+    assert out["confusion_png"].read_bytes()[:4] == b"\x89PNG"

@@ -46,7 +46,7 @@ def repo(tmp_path_factory, cifar10_archive):
     params["train"].update(epochs=2, batch_size=32)
     params["transfer"].update(backbone="mobilenet_v2", image_size=32, batch_size=64)
     params["head"].update(epochs=3, batch_size=32)
-    params["evaluate"].update(misclassified=4)
+    params["evaluate"].update(misclassified=4, confused_pairs=4)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], root)
     _git(root, "add", "-A")
@@ -67,6 +67,8 @@ def test_repro_then_experiment_then_metrics_and_plots(repo):
             assert (repo / "plots" / png).read_bytes()[:4] == b"\x89PNG"
         rows = (repo / "plots" / f"{name}_predictions.csv").read_text().splitlines()
         assert rows[0] == "actual,predicted" and len(rows) == 31
+        pairs = (repo / "plots" / f"{name}_confused_pairs.csv").read_text().splitlines()
+        assert pairs[0].startswith("actual,predicted,count,share_of_actual") and len(pairs) <= 5
     assert (repo / "plots" / "samples.png").exists() and (repo / "plots" / "augmentations.png").exists()
     assert "Data and pipelines are up to date" in _run(["dvc", "status"], repo).stdout
     _git(repo, "add", "-A")

@@ -27,7 +27,7 @@ def head_inputs(cifar10_archive, tmp_path_factory):
 
 def _train(root, tmp_path, **overrides):
     kwargs = dict(kind="dense", units=16, dropout=0.1, lr=0.01, weight_decay=1e-4, epochs=8, batch_size=32,
-                  patience=8, seed=0)
+                  patience=8, trees=10, min_samples_leaf=1, seed=0)
     kwargs.update(overrides)
     return train_head(features_dir=root / "features", prepared_dir=root / "prepared",
                       extractor_path=root / "extractor.keras", model_path=tmp_path / "transfer.keras",
@@ -62,3 +62,38 @@ def test_head_standardises_features():
     mean, var = np.full(4, 100.0), np.full(4, 25.0)
     head = build_head("logistic", mean, var, 3, units=8, dropout=0.0)
     np.testing.assert_allclose(head.get_layer("standardize")(np.full((1, 4), 105.0)).numpy(), 1.0, rtol=1e-6)
+
+
+def test_forest_head_logs_per_tree_count_and_saves_the_forest_inside_the_model(head_inputs, tmp_path):
+    history = _train(head_inputs, tmp_path, kind="random_forest", trees=6)
+    assert len(history["val_accuracy"]) == 6 and history["val_accuracy"][-1] > 0.9
+    summary = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert summary["trees"] == 6 and summary["best_val_accuracy"] == pytest.approx(history["val_accuracy"][-1])
+    assert (tmp_path / "live" / "plots" / "metrics" / "eval" / "accuracy.tsv").read_text().count("\n") == 7
+    import keras
+    model = keras.models.load_model(tmp_path / "transfer.keras")
+    probs = model.predict(np.load(head_inputs / "prepared" / "val_images.npy")[:4], verbose=0)
+    assert probs.shape == (4, 10) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+
+
+def test_fine_tuning_trains_only_the_top_backbone_layers_and_continues_the_log(head_inputs, tmp_path):
+    import keras
+    history = _train(head_inputs, tmp_path, epochs=2, patience=2, fine_tune_layers=2, fine_tune_epochs=1,
+                     fine_tune_lr=1e-3)
+    assert len(history["val_accuracy"]) == 3  # two head epochs, then one of fine-tuning
+    summary = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert summary["step"] == 2  # DVCLive's steps run on across the two phases
+    extractor = keras.models.load_model(head_inputs / "extractor.keras")
+    tuned = keras.models.load_model(tmp_path / "transfer.keras").get_layer(extractor.name)
+    before, after = extractor.layers[-1], tuned.layers[-1]  # the backbones
+    changed = [a.name for a, b in zip(after.layers, before.layers)
+               if any(not np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))]
+    # MobileNetV2's last weighted layers: Conv_1 (1280 1x1 filters) and block_16_project; their
+    # BatchNorms (moving statistics included) stay as loaded.
+    assert changed == ["block_16_project", "Conv_1"]
+
+
+def test_fine_tuning_more_layers_than_the_backbone_has_is_refused(head_inputs, tmp_path):
+    from cifar_pipeline.errors import PipelineError
+    with pytest.raises(PipelineError, match="fine_tune_layers = 999, but the backbone"):
+        _train(head_inputs, tmp_path, epochs=1, fine_tune_layers=999, fine_tune_epochs=1, fine_tune_lr=1e-3)

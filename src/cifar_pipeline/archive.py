@@ -114,6 +114,8 @@ class RawDataset:
     train: Split
     test: Split
     class_names: list[str]
+    # CIFAR-100 with fine labels: the superclass name of each class, for grouping in reports.
+    superclasses: list[str] | None = None
 
 
 def load_dataset(archive: Path, dataset: str, label_mode: str = "fine") -> RawDataset:
@@ -135,7 +137,26 @@ def load_dataset(archive: Path, dataset: str, label_mode: str = "fine") -> RawDa
                  for n in batch_names]
         return Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
 
-    return RawDataset(train=decode(names["train"]), test=decode(names["test"]), class_names=class_names)
+    superclasses = None
+    if dataset == "cifar100" and label_mode == "fine":
+        superclasses = _superclasses(meta, meta_name, members[names["train"][0]], names["train"][0], class_names)
+    return RawDataset(train=decode(names["train"]), test=decode(names["test"]), class_names=class_names,
+                      superclasses=superclasses)
+
+
+def _superclasses(meta, meta_name: str, raw_batch: bytes, batch_name: str, class_names: list[str]) -> list[str]:
+    """The coarse label name of each fine class, read off the training batch's label pairs."""
+    coarse_names = _field(meta, "coarse_label_names", meta_name)
+    batch = safe_unpickle(raw_batch, batch_name)
+    pairs = set(zip(_field(batch, "fine_labels", batch_name), _field(batch, "coarse_labels", batch_name)))
+    coarse_of = dict(pairs)
+    if len(coarse_of) != len(pairs):
+        raise ArchiveError(f"{batch_name}: a fine label appears under more than one coarse label")
+    try:
+        return [coarse_names[coarse_of[i]] for i in range(len(class_names))]
+    except (KeyError, IndexError, TypeError):
+        raise ArchiveError(f"{batch_name}: fine_labels and coarse_labels do not map each of the "
+                           f"{len(class_names)} classes to one of {len(coarse_names)} superclasses") from None
 
 
 def _field(batch, key: str, name: str):

@@ -1,4 +1,8 @@
-"""Score a saved model on the test split: metrics, per-class report, confusion data, plots."""
+"""Score a saved model on the test split: metrics, per-class report, confusion data, plots.
+
+With many classes (CIFAR-100) the confusion matrix is ordered by superclass and
+the most confused pairs are listed, since 10,000 cells cannot be read one by one.
+"""
 from __future__ import annotations
 
 import csv
@@ -71,15 +75,46 @@ def write_predictions_csv(path: Path, labels: np.ndarray, predicted: np.ndarray,
         writer.writerows((class_names[a], class_names[p]) for a, p in zip(labels, predicted))
 
 
+def superclass_order(class_names: list[str], superclasses: list[str] | None) -> np.ndarray:
+    """Class indices grouped by superclass (groups and classes alphabetical), so a
+    100-class confusion matrix shows its errors as blocks along the diagonal."""
+    if superclasses is None:
+        return np.arange(len(class_names))
+    return np.array(sorted(range(len(class_names)), key=lambda i: (superclasses[i], class_names[i])))
+
+
+def most_confused(matrix: np.ndarray, top: int) -> list[tuple[int, int]]:
+    """The `top` (true, predicted) pairs of different classes with the most test images, most first."""
+    errors = matrix.copy()
+    np.fill_diagonal(errors, 0)
+    # Stable descending order: ties keep row-major order, so the list is reproducible.
+    order = np.argsort(-errors, axis=None, kind="stable")[:top]
+    return [(int(i), int(j)) for i, j in zip(*np.unravel_index(order, errors.shape)) if errors[i, j] > 0]
+
+
+def write_confused_pairs_csv(path: Path, matrix: np.ndarray, class_names: list[str],
+                             superclasses: list[str] | None, top: int) -> None:
+    """The most frequent mistakes, with the share of the true class each one takes."""
+    group = superclasses or [""] * len(class_names)
+    with atomic.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["actual", "predicted", "count", "share_of_actual", "actual_superclass",
+                         "predicted_superclass"])
+        for i, j in most_confused(matrix, top):
+            writer.writerow([class_names[i], class_names[j], int(matrix[i, j]),
+                             round(matrix[i, j] / max(matrix[i].sum(), 1), 4), group[i], group[j]])
+
+
 def evaluate(*, model_path: Path, prepared_dir: Path, name: str, metrics_path: Path, per_class_path: Path,
-             predictions_path: Path, confusion_png: Path, misclassified_png: Path,
-             batch_size: int, tta: str, misclassified: int) -> dict:
+             predictions_path: Path, confused_pairs_path: Path, confusion_png: Path, misclassified_png: Path,
+             batch_size: int, tta: str, misclassified: int, confused_pairs: int) -> dict:
     """Evaluate one model on the test split and write its metrics and plots.
 
     Per-class scores go to their own file: in the metrics file they would add
     three columns per class to every `dvc metrics show` and `dvc exp show`.
     """
-    class_names = load_meta(prepared_dir)["class_names"]
+    meta = load_meta(prepared_dir)
+    class_names, superclasses = meta["class_names"], meta.get("superclasses")
     test = load_split(prepared_dir, "test")
     model = keras.models.load_model(model_path)
     probs = predict_proba(model, test.images, batch_size, tta)
@@ -90,8 +125,11 @@ def evaluate(*, model_path: Path, prepared_dir: Path, name: str, metrics_path: P
     atomic.write_json(metrics_path, metrics)
     write_predictions_csv(predictions_path, test.labels, predicted, class_names)
     matrix = confusion_matrix(test.labels, predicted, labels=np.arange(len(class_names)))
-    plots.confusion_heatmap(matrix, class_names, f"{name}: test accuracy {metrics['accuracy']:.2%}",
-                            confusion_png)
+    write_confused_pairs_csv(confused_pairs_path, matrix, class_names, superclasses, confused_pairs)
+    order = superclass_order(class_names, superclasses)
+    plots.confusion_heatmap(matrix[np.ix_(order, order)], [class_names[i] for i in order],
+                            f"{name}: test accuracy {metrics['accuracy']:.2%}", confusion_png,
+                            groups=None if superclasses is None else [superclasses[i] for i in order])
     wrong = np.flatnonzero(predicted != test.labels)[:misclassified]
     plots.image_grid(test.images[wrong],
                      [f"true {class_names[test.labels[i]]}\npred {class_names[predicted[i]]}" for i in wrong],

@@ -2,20 +2,27 @@
 
 The head trains on the feature arrays alone (seconds per experiment); the
 saved transfer model chains the frozen extractor and the head, so it takes raw
-uint8 images like the scratch model.
+uint8 images like the scratch model. A random-forest head is fitted by
+scikit-learn and then converted to a Keras layer (forest.py) for saving.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
+from dvclive import Live
 from keras import layers
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.metrics import log_loss
 
 from cifar_pipeline import atomic
 from cifar_pipeline.backbones import ImageNetPreprocessing  # noqa: F401  registers the layer for loading
 from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.finetune import fine_tune
+from cifar_pipeline.forest import forest_layer
 from cifar_pipeline.prepare import load_meta, load_split
 from cifar_pipeline.train import fit, make_optimizer
 
@@ -37,7 +44,7 @@ def build_head(kind: str, feature_mean: np.ndarray, feature_var: np.ndarray, num
         x = layers.Activation("relu")(x)
         x = layers.Dropout(dropout)(x)
     elif kind != "logistic":
-        raise ValueError(f"unknown head.kind {kind!r}; allowed: dense, logistic")
+        raise ValueError(f"unknown head.kind {kind!r} for a Keras head; allowed: dense, logistic")
     x = layers.Dense(num_classes, name="logits")(x)
     outputs = layers.Activation("softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name=f"{kind}_head")
@@ -51,10 +58,54 @@ def _feature_dataset(features: np.ndarray, labels: np.ndarray, num_classes: int,
     return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+# Training images scored for the forest's train curve: enough for a smooth curve, cheap to predict.
+FOREST_TRAIN_SAMPLE = 5000
+
+
+def fit_forest(train_x, train_y, val_x, val_y, num_classes: int, trees: int, min_samples_leaf: int,
+               seed: int, live_dir: Path) -> tuple[keras.Model, dict]:
+    """A random forest on the features, as a Keras model; its history has one entry per tree
+    count (accuracy and log loss of the first k trees), logged to DVCLive like epochs."""
+    forest = RandomForestClassifier(n_estimators=trees, min_samples_leaf=min_samples_leaf, n_jobs=-1,
+                                    random_state=seed, verbose=1)
+    start = time.perf_counter()
+    forest.fit(train_x, train_y)
+    fit_seconds = time.perf_counter() - start
+    if len(forest.classes_) != num_classes:
+        raise PipelineError(f"the training features hold {len(forest.classes_)} of {num_classes} classes; "
+                            "a forest head needs every class in the training split")
+    sample = np.random.default_rng(seed).permutation(len(train_y))[:FOREST_TRAIN_SAMPLE]
+    history = {key: [] for key in ("accuracy", "loss", "val_accuracy", "val_loss")}
+    live = Live(str(live_dir), report=None, save_dvc_exp=False, dvcyaml=None)
+    for prefix, x, y in (("", train_x[sample], train_y[sample]), ("val_", val_x, val_y)):
+        # Mean probability of the first k trees, for every k at once.
+        running = np.cumsum([tree.predict_proba(x) for tree in forest.estimators_], axis=0)
+        for k, total in enumerate(running, start=1):
+            probs = np.clip(total / k, 1e-7, 1)  # a tree's leaf can give a class probability 0
+            probs /= probs.sum(axis=1, keepdims=True)
+            history[f"{prefix}accuracy"].append(float((probs.argmax(axis=1) == y).mean()))
+            history[f"{prefix}loss"].append(float(log_loss(y, probs, labels=forest.classes_)))
+    for k in range(trees):
+        for key, split in (("accuracy", "train"), ("val_accuracy", "eval"), ("loss", "train"), ("val_loss", "eval")):
+            live.log_metric(f"{split}/{key.removeprefix('val_')}", round(history[key][k], 4))
+        live.next_step()
+    live.summary.update(trees=trees, best_val_accuracy=round(history["val_accuracy"][-1], 4),
+                        train_time_s=round(fit_seconds, 1))
+    live.make_summary()
+    inputs = keras.Input((train_x.shape[1],), name="features")
+    head = keras.Model(inputs, forest_layer(forest, train_x.shape[1])(inputs), name="random_forest_head")
+    return head, history
+
+
 def train_head(*, features_dir: Path, prepared_dir: Path, extractor_path: Path, model_path: Path,
                live_dir: Path, kind: str, units: int, dropout: float, lr: float, weight_decay: float,
-               epochs: int, batch_size: int, patience: int, seed: int) -> dict:
-    """Fit the head on train features, early-stopped on val; save extractor + head as one model."""
+               epochs: int, batch_size: int, patience: int, trees: int, min_samples_leaf: int, seed: int,
+               fine_tune_layers: int = 0, fine_tune_epochs: int = 0, fine_tune_lr: float = 0.0) -> dict:
+    """Fit the head on train features (Keras heads early-stopped on val), then optionally fine-tune
+    the top `fine_tune_layers` backbone layers with it on images; save extractor + head as one model."""
+    if fine_tune_layers and kind == "random_forest":
+        raise PipelineError("transfer.fine_tune_layers needs a head trained by gradient descent; "
+                            "head.kind = random_forest has none (use dense or logistic, or set it to 0)")
     num_classes = len(load_meta(prepared_dir)["class_names"])
     train_x, val_x = (np.load(Path(features_dir) / f"{s}.npy") for s in ("train", "val"))
     extractor = keras.models.load_model(extractor_path)
@@ -62,6 +113,29 @@ def train_head(*, features_dir: Path, prepared_dir: Path, extractor_path: Path, 
         raise PipelineError(f"{features_dir} holds {train_x.shape[1]}-dim features but {extractor_path} "
                             f"outputs {extractor.output_shape[-1]}; re-run the extract_features stage")
     train_y, val_y = (load_split(prepared_dir, s, mmap=True).labels for s in ("train", "val"))
+    if kind == "random_forest":
+        head, history = fit_forest(train_x, train_y, val_x, val_y, num_classes, trees, min_samples_leaf, seed,
+                                   live_dir)
+    else:
+        head, history = fit_keras_head(kind, train_x, train_y, val_x, val_y, num_classes, units, dropout, lr,
+                                       weight_decay, epochs, batch_size, patience, seed, live_dir)
+    inputs = keras.Input((32, 32, 3), dtype="uint8", name="image")
+    model = keras.Model(inputs, head(extractor(inputs)), name="transfer")
+    if fine_tune_layers:
+        train, val = (load_split(prepared_dir, s) for s in ("train", "val"))
+        tuned = fine_tune(model, train_images=train.images, train_labels=train.labels, val_images=val.images,
+                          val_labels=val.labels, num_classes=num_classes, layers_to_tune=fine_tune_layers,
+                          epochs=fine_tune_epochs, lr=fine_tune_lr, weight_decay=weight_decay,
+                          batch_size=batch_size, patience=patience, seed=seed, live_dir=live_dir)
+        history = {key: history[key] + tuned[key] for key in ("accuracy", "loss", "val_accuracy", "val_loss")}
+    with atomic.atomic_path(model_path) as tmp:
+        model.save(tmp)
+    return history
+
+
+def fit_keras_head(kind, train_x, train_y, val_x, val_y, num_classes, units, dropout, lr, weight_decay, epochs,
+                   batch_size, patience, seed, live_dir) -> tuple[keras.Model, dict]:
+    """A dense or logistic head fitted on the features with AdamW, early-stopped on val."""
     head = build_head(kind, train_x.mean(axis=0), train_x.var(axis=0), num_classes, units, dropout)
     history = fit(
         head,
@@ -70,8 +144,4 @@ def train_head(*, features_dir: Path, prepared_dir: Path, extractor_path: Path, 
         steps_per_epoch=None, epochs=epochs, optimizer=make_optimizer("adamw", lr, 0.0, weight_decay),
         label_smoothing=0.0, schedule="plateau", patience=patience,
         live_dir=live_dir, images_per_epoch=len(train_y))
-    inputs = keras.Input((32, 32, 3), dtype="uint8", name="image")
-    model = keras.Model(inputs, head(extractor(inputs)), name="transfer")
-    with atomic.atomic_path(model_path) as tmp:
-        model.save(tmp)
-    return history
+    return head, history

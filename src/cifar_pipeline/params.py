@@ -141,9 +141,12 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "image_size": _int(32, 600),
         "batch_size": _int(1, 4096),
         "seed": SEED,
+        "fine_tune_layers": _int(0, 10000),
+        "fine_tune_epochs": _int(1, 1000),
+        "fine_tune_lr": _float(0, 10, low_open=True),
     },
     "head": {
-        "kind": _choice("dense", "logistic"),
+        "kind": _choice("dense", "logistic", "random_forest"),
         "units": _int(1, 8192),
         "dropout": _float(0, 0.9),
         "lr": _float(0, 10, low_open=True),
@@ -151,12 +154,15 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "epochs": _int(1, 10000),
         "batch_size": _int(1, 65536),
         "patience": _int(1, 1000),
+        "trees": _int(1, 10000),
+        "min_samples_leaf": _int(1, 100000),
         "seed": SEED,
     },
     "evaluate": {
         "batch_size": _int(1, 65536),
         "tta": _choice(*TTA_MODES),
         "misclassified": _int(0, 100),
+        "confused_pairs": _int(0, 10000),
     },
 }
 

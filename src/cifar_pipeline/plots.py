@@ -67,14 +67,14 @@ def augmentation_preview(original: np.ndarray, copies: list[np.ndarray], path: P
     _save(fig, path)
 
 
-def learning_curves(history: dict, title: str, path: Path) -> None:
-    """Train vs validation accuracy and loss per epoch."""
+def learning_curves(history: dict, title: str, path: Path, x_label: str = "epoch") -> None:
+    """Train vs validation accuracy and loss per epoch (or per `x_label`, e.g. trees of a forest)."""
     epochs = np.arange(1, len(history["loss"]) + 1)
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key in ((acc_ax, "accuracy"), (loss_ax, "loss")):
         ax.plot(epochs, history[key], marker="o", label="train")
         ax.plot(epochs, history[f"val_{key}"], marker="o", label="validation")
-        ax.set_xlabel("epoch")
+        ax.set_xlabel(x_label)
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -82,8 +82,13 @@ def learning_curves(history: dict, title: str, path: Path) -> None:
     _save(fig, path)
 
 
-def confusion_heatmap(matrix: np.ndarray, class_names: list[str], title: str, path: Path) -> None:
-    """Row-normalised confusion matrix (recall per true class), with counts for small class sets."""
+def confusion_heatmap(matrix: np.ndarray, class_names: list[str], title: str, path: Path,
+                      groups: list[str] | None = None) -> None:
+    """Row-normalised confusion matrix (recall per true class), with counts for small class sets.
+
+    `groups` (the superclass of each class, in matrix order) draws a box around
+    each run of equal groups and names it, so within-superclass errors stand out.
+    """
     n = len(class_names)
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     size = max(6.0, n * 0.12 + 4)
@@ -101,5 +106,12 @@ def confusion_heatmap(matrix: np.ndarray, class_names: list[str], title: str, pa
             for j in range(n):
                 ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if rates[i, j] > 0.5 else "black")
+    if groups:
+        starts = [k for k in range(n) if k == 0 or groups[k] != groups[k - 1]]
+        for start, end in zip(starts, starts[1:] + [n]):
+            ax.add_patch(plt.Rectangle((start - 0.5, start - 0.5), end - start, end - start,
+                                       fill=False, edgecolor="darkorange", linewidth=0.8))
+            ax.text(n, (start + end - 1) / 2, f" {groups[start]}", va="center", fontsize=label_size,
+                    color="darkorange")
     ax.set_title(title)
     _save(fig, path)

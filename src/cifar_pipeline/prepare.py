@@ -67,6 +67,8 @@ def prepare(archive: Path, out_dir: Path, dataset: str, label_mode: str, val_fra
         "std": std,
         "sizes": {"train": len(train.labels), "val": len(val.labels), "test": len(raw.test.labels)},
     }
+    if raw.superclasses is not None:
+        meta["superclasses"] = raw.superclasses
     splits = {"train": train, "val": val, "test": raw.test}
     arrays = {}
     for name, split in splits.items():

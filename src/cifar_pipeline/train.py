@@ -102,12 +102,13 @@ class _Timing(keras.callbacks.Callback):
 
 def fit(model: keras.Model, train_data, val_data, *, steps_per_epoch: int | None, epochs: int,
         optimizer: keras.optimizers.Optimizer, label_smoothing: float, schedule: str, patience: int,
-        live_dir: Path, images_per_epoch: int) -> dict:
-    """Train `model` in place, keeping the weights of its best validation epoch; return the history."""
+        live_dir: Path, images_per_epoch: int, resume: bool = False) -> dict:
+    """Train `model` in place, keeping the weights of its best validation epoch; return the history.
+    `resume` appends to the DVCLive log in `live_dir` (steps continue) instead of starting it anew."""
     model.compile(optimizer=optimizer,
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
                   metrics=["accuracy"])
-    live = Live(str(live_dir), report=None, save_dvc_exp=False, dvcyaml=None)
+    live = Live(str(live_dir), resume=resume, report=None, save_dvc_exp=False, dvcyaml=None)
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=patience, restore_best_weights=True),

@@ -1,0 +1,38 @@
+"""The random-forest head's Keras layer: the same probabilities as scikit-learn, saved and loaded."""
+import keras
+import numpy as np
+import pytest
+from sklearn.ensemble import RandomForestClassifier
+
+from cifar_pipeline.forest import forest_layer
+
+
+def _data(n, rng):
+    x = rng.normal(size=(n, 12)).astype(np.float32)
+    return x, (x[:, 0] + x[:, 1] > 0).astype(int) + 2 * (x[:, 2] > 0.5)
+
+
+def test_layer_reproduces_predict_proba_after_a_save_and_load(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = _data(500, rng)
+    # Trees of different sizes and depths: the layer pads them to one node count.
+    forest = RandomForestClassifier(n_estimators=5, max_depth=None, random_state=0).fit(x, y)
+    inputs = keras.Input((12,))
+    model = keras.Model(inputs, forest_layer(forest, 12)(inputs))
+    model.save(tmp_path / "forest.keras")
+    loaded = keras.models.load_model(tmp_path / "forest.keras")
+    test_x, _ = _data(300, rng)
+    np.testing.assert_allclose(loaded.predict(test_x, verbose=0), forest.predict_proba(test_x), atol=1e-6)
+    # Inputs exactly on a threshold go left, as in scikit-learn (x <= threshold, in float64).
+    tree = forest.estimators_[0].tree_
+    on_threshold = np.zeros((1, 12), np.float32)
+    on_threshold[0, tree.feature[0]] = np.float32(tree.threshold[0])
+    np.testing.assert_allclose(loaded.predict(on_threshold, verbose=0), forest.predict_proba(on_threshold),
+                               atol=1e-6)
+
+
+def test_forest_missing_a_class_is_refused():
+    x, y = _data(100, np.random.default_rng(1))
+    forest = RandomForestClassifier(n_estimators=2, random_state=0).fit(x, np.where(y == 0, 3, y))
+    with pytest.raises(ValueError, match="labels 0..K-1"):
+        forest_layer(forest, 12)
