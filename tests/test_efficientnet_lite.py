@@ -47,5 +47,5 @@ def test_layer_names_map_to_pytorch_modules():
 def test_a_mismatched_state_dict_is_refused(tmp_path):
     from cifar_pipeline.efficientnet_lite import load_torch_state
     model = efficientnet_lite0((32, 32, 3), include_top=False)
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="conv_stem: the state dict has no entry '_conv_stem.weight'; is it an "):
         load_torch_state(model, {})

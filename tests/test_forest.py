@@ -36,3 +36,17 @@ def test_forest_missing_a_class_is_refused():
     forest = RandomForestClassifier(n_estimators=2, random_state=0).fit(x, np.where(y == 0, 3, y))
     with pytest.raises(ValueError, match="labels 0..K-1"):
         forest_layer(forest, 12)
+
+
+def test_a_fresh_process_loads_a_forest_model_through_saved_models(tmp_path):
+    import subprocess
+    import sys
+    x, y = _data(200, np.random.default_rng(2))
+    forest = RandomForestClassifier(n_estimators=2, random_state=0).fit(x, y)
+    inputs = keras.Input((12,))
+    keras.Model(inputs, forest_layer(forest, 12)(inputs)).save(tmp_path / "forest.keras")
+    # The evaluate stage and cifar-predict load models in processes that never imported forest.py.
+    code = ("from cifar_pipeline.saved_models import load_model; "
+            f"print(load_model({str(tmp_path / 'forest.keras')!r}).output_shape)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("(None, 4)")

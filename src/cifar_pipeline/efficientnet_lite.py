@@ -128,7 +128,11 @@ def load_torch_state(model: keras.Model, state: dict[str, np.ndarray]) -> None:
         if not layer.weights:
             continue
         name = torch_name(layer.name)
-        values = _keras_value(layer, name, state)
+        try:
+            values = _keras_value(layer, name, state)
+        except KeyError as missing:
+            raise ValueError(f"{layer.name}: the state dict has no entry {missing.args[0]!r}; "
+                             "is it an EfficientNet-Lite0 checkpoint?") from None
         for variable, value in zip(layer.weights, values):
             if tuple(variable.shape) != value.shape:
                 raise ValueError(f"{layer.name}: shape {tuple(variable.shape)} but {name} has {value.shape}")

@@ -13,10 +13,9 @@ import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix, log_loss
 
 from cifar_pipeline import atomic, plots
-from cifar_pipeline import models  # noqa: F401  registers the fast net's layers for loading
-from cifar_pipeline.backbones import ImageNetPreprocessing  # noqa: F401  registers the layer for loading
 from cifar_pipeline.params import TTA_MODES
 from cifar_pipeline.prepare import load_meta, load_split
+from cifar_pipeline.saved_models import load_model
 
 
 def _shift(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
@@ -116,7 +115,7 @@ def evaluate(*, model_path: Path, prepared_dir: Path, name: str, metrics_path: P
     meta = load_meta(prepared_dir)
     class_names, superclasses = meta["class_names"], meta.get("superclasses")
     test = load_split(prepared_dir, "test")
-    model = keras.models.load_model(model_path)
+    model = load_model(model_path)
     probs = predict_proba(model, test.images, batch_size, tta)
     predicted = probs.argmax(axis=1)
     metrics = score(test.labels, probs, class_names)

@@ -19,11 +19,11 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import log_loss
 
 from cifar_pipeline import atomic
-from cifar_pipeline.backbones import ImageNetPreprocessing  # noqa: F401  registers the layer for loading
 from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.finetune import fine_tune
 from cifar_pipeline.forest import forest_layer
 from cifar_pipeline.prepare import load_meta, load_split
+from cifar_pipeline.saved_models import load_model
 from cifar_pipeline.train import fit, make_optimizer
 
 
@@ -108,7 +108,7 @@ def train_head(*, features_dir: Path, prepared_dir: Path, extractor_path: Path, 
                             "head.kind = random_forest has none (use dense or logistic, or set it to 0)")
     num_classes = len(load_meta(prepared_dir)["class_names"])
     train_x, val_x = (np.load(Path(features_dir) / f"{s}.npy") for s in ("train", "val"))
-    extractor = keras.models.load_model(extractor_path)
+    extractor = load_model(extractor_path)
     if extractor.output_shape[-1] != train_x.shape[1]:
         raise PipelineError(f"{features_dir} holds {train_x.shape[1]}-dim features but {extractor_path} "
                             f"outputs {extractor.output_shape[-1]}; re-run the extract_features stage")

@@ -91,11 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model.is_file():
         parser.error(f"{args.model}: no such model file")
 
-    import keras
+    from cifar_pipeline.saved_models import load_model
 
-    from cifar_pipeline import backbones, models  # noqa: F401  register the custom layers for loading
-
-    model = keras.models.load_model(args.model)
+    model = load_model(args.model)
     names = class_names(args.meta, model.output_shape[-1])
     results = predict_files(model, args.images, names, min(args.top_k, len(names)))
     for result in results:
