@@ -1,22 +1,26 @@
 """Training and input throughput of the default model, naive vs. this project's way, side by side.
 
-    python benchmarks/throughput.py [--records data/records] [--prepared data/prepared] [--repeats 2]
+    python benchmarks/throughput.py [--records data/records] [--prepared data/prepared] [--rounds 10]
 
-Each setting runs in its own subprocess (oneDNN is fixed at TensorFlow import),
-alternating, so both see the same machine load:
+Two long-lived worker processes (oneDNN is fixed at TensorFlow import) build
+the model once each, then train in short bursts, taking turns, so each pair of
+bursts sees the same machine load; this machine's speed changes by factors of
+two from one minute to the next, so the per-round ratio is the figure to trust:
 - naive: Keras defaults, `model.fit` on in-memory numpy arrays, oneDNN off;
 - project: oneDNN on, `train.precision` (auto: mixed bfloat16 on CPUs with
   bfloat16 instructions), batches from the TFRecord shards through `tf.data`.
-Also prints how fast the shards alone are read and decoded, and the time one
-training epoch takes each way. The model, batch size and online augmentation
-are those of `train` in params.yaml. Needs the outputs of the prepare and
-augment stages (`dvc repro augment`).
+A burst's speed is timed between its first and last batch, which leaves out
+`fit`'s set-up in both. A third worker reads and decodes the shards alone
+(with the online augmentation), and the time of one training epoch each way
+is derived. The model, batch size and online augmentation are those of `train`
+in params.yaml. Needs the outputs of the prepare and augment stages.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -24,7 +28,8 @@ from pathlib import Path
 
 from cifar_pipeline import params as params_lib
 
-WARMUP_STEPS, STEPS = 5, 40
+BURST_STEPS, READ_BATCHES = 12, 200
+RESULT = "RESULT "  # marks the worker's answers among anything else written to stdout
 
 
 def train_params(arch: str | None = None) -> dict:
@@ -32,8 +37,8 @@ def train_params(arch: str | None = None) -> dict:
     return {**cfg, "arch": arch or cfg["arch"]}
 
 
-def measure(mode: str, records: str, prepared: str, arch: str | None) -> float:
-    """Training images/s of the default model (or `arch`) over STEPS steps, after warm-up."""
+def _trainer(mode: str, records: str, prepared: str, arch: str | None):
+    """Build the model and its data once; return a function that trains one burst and gives images/s."""
     import keras
     import numpy as np
 
@@ -50,75 +55,113 @@ def measure(mode: str, records: str, prepared: str, arch: str | None) -> float:
     model = build_model(cfg["arch"], len(meta["class_names"]), meta["mean"], meta["std"],
                         sample_images=load_split(prepared, "train", mmap=True).images[:1000])
     model.compile(keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True), "categorical_crossentropy")
+    ends: list[float] = []
+    clock = keras.callbacks.LambdaCallback(on_train_batch_end=lambda *_, **__: ends.append(time.perf_counter()))
     if mode == "naive":
         train = load_split(prepared, "train")
-        x = train.images[: batch * (WARMUP_STEPS + STEPS)]
+        x = train.images[: batch * BURST_STEPS]
         y = np.eye(len(meta["class_names"]))[train.labels[: len(x)]]
-        model.fit(x[: batch * WARMUP_STEPS], y[: batch * WARMUP_STEPS], batch_size=batch, verbose=0)
-        start = time.perf_counter()
-        model.fit(x[batch * WARMUP_STEPS:], y[batch * WARMUP_STEPS:], batch_size=batch, verbose=0)
+
+        def burst():
+            model.fit(x, y, batch_size=batch, verbose=0, callbacks=[clock])
     else:
-        data = rec.training_dataset(records, batch, len(meta["class_names"]), 0,
-                                    cfg["online_flip"], cfg["online_shift_px"],
-                                    cfg["online_cutout_px"], meta["mean"])
-        model.fit(data, steps_per_epoch=WARMUP_STEPS, verbose=0)
-        start = time.perf_counter()
-        model.fit(data, steps_per_epoch=STEPS, verbose=0)
-    return batch * STEPS / (time.perf_counter() - start)
+        data = rec.training_dataset(records, batch, len(meta["class_names"]), 0, cfg["online_flip"],
+                                    cfg["online_shift_px"], cfg["online_cutout_px"], meta["mean"])
+
+        def burst():
+            model.fit(data, steps_per_epoch=BURST_STEPS, verbose=0, callbacks=[clock])
+
+    def timed() -> float:
+        ends.clear()
+        burst()
+        return batch * (len(ends) - 1) / (ends[-1] - ends[0])
+
+    timed()  # warm-up: traces the graph, fills the caches
+    return timed
 
 
-def read_throughput(records: str, prepared: str, batches: int = 400) -> float:
-    """Images/s of reading, decoding and online-augmenting the shards, no model."""
+def _reader(records: str, prepared: str):
+    """A function that reads, decodes and online-augments READ_BATCHES batches and gives images/s."""
     from cifar_pipeline import records as rec
     from cifar_pipeline.prepare import load_meta
 
     cfg = train_params()
-    batch = cfg["batch_size"]
     meta = load_meta(prepared)
-    data = rec.training_dataset(records, batch, len(meta["class_names"]), 0, cfg["online_flip"],
-                                cfg["online_shift_px"], cfg["online_cutout_px"], meta["mean"])
-    for _ in data.take(batches):  # first pass fills the in-memory cache
-        pass
-    start = time.perf_counter()
-    for _ in data.take(batches):
-        pass
-    return batch * batches / (time.perf_counter() - start)
+    batches = iter(rec.training_dataset(records, cfg["batch_size"], len(meta["class_names"]), 0,
+                                        cfg["online_flip"], cfg["online_shift_px"], cfg["online_cutout_px"],
+                                        meta["mean"]))
+
+    def timed() -> float:
+        start = time.perf_counter()
+        for _ in range(READ_BATCHES):
+            next(batches)
+        return cfg["batch_size"] * READ_BATCHES / (time.perf_counter() - start)
+
+    timed()  # the first pass fills the in-memory cache
+    return timed
+
+
+def worker(mode: str, records: str, prepared: str, arch: str | None) -> None:
+    """Build once, then answer each line on stdin with one burst's images/s."""
+    timed = _reader(records, prepared) if mode == "read" else _trainer(mode, records, prepared, arch)
+    print(RESULT + "ready", flush=True)
+    for _ in sys.stdin:
+        print(RESULT + json.dumps(timed()), flush=True)
+
+
+def _answer(process: subprocess.Popen) -> str:
+    for line in process.stdout:
+        if line.startswith(RESULT):
+            return line[len(RESULT):].strip()
+    raise RuntimeError(f"benchmark worker exited with {process.wait()}; run it alone to see its error")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", default="data/records")
     parser.add_argument("--prepared", default="data/prepared")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--arch", help="another train.arch than params.yaml's")
-    parser.add_argument("--child", choices=["naive", "project", "read"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["naive", "project", "read"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        value = (read_throughput(args.records, args.prepared) if args.child == "read"
-                 else measure(args.child, args.records, args.prepared, args.arch))
-        print(json.dumps({"images_per_s": value}))
+    if args.worker:
+        worker(args.worker, args.records, args.prepared, args.arch)
         return
-    results: dict[str, list[float]] = {"naive": [], "project": [], "read": []}
     onednn = {"naive": "0", "project": "1", "read": "1"}
-    for _ in range(args.repeats):
-        for mode in results:
-            env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn[mode], "TF_CPP_MIN_LOG_LEVEL": "3"}
-            command = [sys.executable, __file__, "--child", mode, "--records", args.records,
-                       "--prepared", args.prepared] + (["--arch", args.arch] if args.arch else [])
-            out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-            results[mode].append(json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"])
-    best = {mode: max(values) for mode, values in results.items()}
+    workers = {}
+    for mode in onednn:
+        env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn[mode], "TF_CPP_MIN_LOG_LEVEL": "3"}
+        command = [sys.executable, __file__, "--worker", mode, "--records", args.records,
+                   "--prepared", args.prepared] + (["--arch", args.arch] if args.arch else [])
+        workers[mode] = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, text=True)
+        _answer(workers[mode])  # built and warmed up before the next one starts, so set-ups do not overlap
+    results: dict[str, list[float]] = {mode: [] for mode in workers}
+    for round_ in range(args.rounds):
+        # Alternate who goes first, so neither always follows the other.
+        for mode in ("naive", "project", "read") if round_ % 2 == 0 else ("project", "naive", "read"):
+            workers[mode].stdin.write("run\n")
+            workers[mode].stdin.flush()
+            results[mode].append(float(_answer(workers[mode])))
+        print(f"round {round_ + 1}: naive {results['naive'][-1]:.0f}, project {results['project'][-1]:.0f}, "
+              f"read {results['read'][-1]:.0f} images/s", flush=True)
+    for process in workers.values():
+        process.stdin.close()
+        process.wait()
+    ratios = [p / n for p, n in zip(results["project"], results["naive"])]
+    median = {mode: statistics.median(values) for mode, values in results.items()}
     for mode, values in results.items():
-        print(f"{mode:8s} images/s: " + ", ".join(f"{v:.0f}" for v in values) + f"  (best {best[mode]:.0f})")
-    print(f"project / naive training throughput: {best['project'] / best['naive']:.2f}x")
-    print(f"TFRecord read / project training throughput: {best['read'] / best['project']:.1f}x")
+        print(f"{mode:8s} images/s: median {median[mode]:.0f}, min {min(values):.0f}, max {max(values):.0f}")
+    print("project / naive training throughput, per round: " + ", ".join(f"{r:.2f}" for r in ratios))
+    print(f"  median {statistics.median(ratios):.2f}x, min {min(ratios):.2f}x, max {max(ratios):.2f}x")
+    print(f"TFRecord read / project training throughput (medians): {median['read'] / median['project']:.1f}x")
     cfg = train_params(args.arch)
     # info.json read directly: the parent process never imports TensorFlow.
     train_size = json.loads((Path(args.records) / "info.json").read_text())["sizes"]["train"]
     per_epoch = train_size // cfg["batch_size"] * cfg["batch_size"]
-    print(f"one epoch ({per_epoch} images, {cfg['arch']}, batch {cfg['batch_size']}): "
-          f"naive {per_epoch / best['naive']:.0f} s, project {per_epoch / best['project']:.0f} s; "
-          f"{cfg['epochs']} epochs: project {cfg['epochs'] * per_epoch / best['project'] / 60:.1f} min")
+    print(f"one epoch ({per_epoch} images, {cfg['arch']}, batch {cfg['batch_size']}, medians): "
+          f"naive {per_epoch / median['naive']:.0f} s, project {per_epoch / median['project']:.0f} s; "
+          f"{cfg['epochs']} epochs: project {cfg['epochs'] * per_epoch / median['project'] / 60:.1f} min")
 
 
 if __name__ == "__main__":
