@@ -1,7 +1,7 @@
 """Frozen-backbone transfer accuracy and extraction speed per input size, on the validation split.
 
     python benchmarks/transfer_sizes.py [--backbone efficientnet_lite0] [--weights imagenet]
-        [--sizes 64 96 128 160] [--heads logistic dense] [--prepared data/prepared]
+        [--sizes 64 96 128 160] [--heads logistic dense] [--mid-level] [--prepared data/prepared]
 
 For each size: extract features of the train and val splits with the library's
 extractor (as the extract_features stage does), print images/s, then fit each
@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 96, 128, 160])
     parser.add_argument("--heads", nargs="+", default=["logistic", "dense"],
                         choices=["logistic", "dense", "random_forest"])
+    parser.add_argument("--mid-level", action="store_true", help="add the pooled mid-level features")
     parser.add_argument("--prepared", default="data/prepared")
     args = parser.parse_args()
     head_cfg = params_lib.load("params.yaml")["head"]
@@ -41,7 +42,7 @@ def main() -> None:
     splits = {name: load_split(args.prepared, name, mmap=True) for name in ("train", "val")}
     rows = []
     for size in args.sizes:
-        extractor = build_feature_extractor(args.backbone, size, args.weights)
+        extractor = build_feature_extractor(args.backbone, size, args.weights, args.mid_level)
         features, seconds = {}, 0.0
         for name, split in splits.items():
             start = time.perf_counter()

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 from cifar_pipeline import stage
+from cifar_pipeline.errors import PipelineError
 
 
 def main() -> None:
@@ -17,12 +18,17 @@ def main() -> None:
     parser.add_argument("--misclassified-png", type=Path, required=True)
     args = parser.parse_args()
     cfg = stage.load_params(args)["evaluate"]
+    # Each model has its own test-time augmentation: evaluate.tta_<name>.
+    tta = {key.removeprefix("tta_"): cfg.pop(key) for key in list(cfg) if key.startswith("tta_")}
+    if args.name not in tta:
+        raise PipelineError(f"params.yaml has no evaluate.tta_{args.name} for the model named {args.name!r}")
     from cifar_pipeline.evaluate import evaluate
 
     metrics = evaluate(model_path=args.model, prepared_dir=args.prepared, name=args.name,
                        metrics_path=args.metrics, per_class_path=args.per_class, predictions_path=args.predictions,
                        confused_pairs_path=args.confused_pairs,
-                       confusion_png=args.confusion_png, misclassified_png=args.misclassified_png, **cfg)
+                       confusion_png=args.confusion_png, misclassified_png=args.misclassified_png,
+                       tta=tta[args.name], **cfg)
     print(f"evaluate: {args.name}: test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
 
 

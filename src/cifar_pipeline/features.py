@@ -23,13 +23,14 @@ def extract(extractor, images: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def extract_features(*, prepared_dir: Path, features_dir: Path, extractor_path: Path,
-                     backbone: str, image_size: int, weights: str, batch_size: int) -> dict:
+                     backbone: str, image_size: int, weights: str, mid_level_features: bool,
+                     batch_size: int) -> dict:
     """Write `{split}.npy` features and the extractor model; return throughput per split.
 
     Timings are printed and returned, never written into the features directory:
     equal features must be equal bytes, or DVC would re-run everything downstream.
     """
-    extractor = build_feature_extractor(backbone, image_size, weights)
+    extractor = build_feature_extractor(backbone, image_size, weights, mid_level_features)
     arrays, stats = {}, {}
     for split in SPLITS:
         images = load_split(prepared_dir, split, mmap=True).images
@@ -40,7 +41,8 @@ def extract_features(*, prepared_dir: Path, features_dir: Path, extractor_path: 
                         "images_per_s": round(len(images) / seconds, 1)}
         print(f"features: {split}: {len(images)} images in {seconds:.1f}s "
               f"({len(images) / seconds:.0f} images/s), shape {arrays[split].shape}")
-    atomic.save_arrays(features_dir, arrays, {"backbone": backbone, "image_size": image_size, "weights": weights})
+    atomic.save_arrays(features_dir, arrays, {"backbone": backbone, "image_size": image_size, "weights": weights,
+                                                  "mid_level_features": mid_level_features})
     with atomic.atomic_path(extractor_path) as tmp:
         extractor.save(tmp)
     return stats

@@ -139,6 +139,7 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "backbone": _choice(*BACKBONES),
         "weights": Spec("str"),
         "image_size": _int(32, 600),
+        "mid_level_features": Spec("bool"),
         "batch_size": _int(1, 4096),
         "seed": SEED,
         "fine_tune_layers": _int(0, 10000),
@@ -160,7 +161,8 @@ SCHEMA: dict[str, dict[str, Spec]] = {
     },
     "evaluate": {
         "batch_size": _int(1, 65536),
-        "tta": _choice(*TTA_MODES),
+        "tta_scratch": _choice(*TTA_MODES),
+        "tta_transfer": _choice(*TTA_MODES),
         "misclassified": _int(0, 100),
         "confused_pairs": _int(0, 10000),
     },
