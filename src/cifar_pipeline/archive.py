@@ -137,11 +137,11 @@ def load_dataset(archive: Path, dataset: str, label_mode: str = "fine") -> RawDa
                  for n in batch_names]
         return Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
 
+    train, test = decode(names["train"]), decode(names["test"])
     superclasses = None
-    if dataset == "cifar100" and label_mode == "fine":
+    if dataset == "cifar100" and label_mode == "fine":  # after decode: the batch's labels are checked by then
         superclasses = _superclasses(meta, meta_name, members[names["train"][0]], names["train"][0], class_names)
-    return RawDataset(train=decode(names["train"]), test=decode(names["test"]), class_names=class_names,
-                      superclasses=superclasses)
+    return RawDataset(train=train, test=test, class_names=class_names, superclasses=superclasses)
 
 
 def _superclasses(meta, meta_name: str, raw_batch: bytes, batch_name: str, class_names: list[str]) -> list[str]:
