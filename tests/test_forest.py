@@ -23,11 +23,15 @@ def test_layer_reproduces_predict_proba_after_a_save_and_load(tmp_path):
     loaded = keras.models.load_model(tmp_path / "forest.keras")
     test_x, _ = _data(300, rng)
     np.testing.assert_allclose(loaded.predict(test_x, verbose=0), forest.predict_proba(test_x), atol=1e-6)
-    # Inputs exactly on a threshold go left, as in scikit-learn (x <= threshold, in float64).
-    tree = forest.estimators_[0].tree_
-    on_threshold = np.zeros((1, 12), np.float32)
-    on_threshold[0, tree.feature[0]] = np.float32(tree.threshold[0])
-    np.testing.assert_allclose(loaded.predict(on_threshold, verbose=0), forest.predict_proba(on_threshold),
+    # Inputs exactly on a threshold go left, as in scikit-learn (x <= threshold, in float64): on
+    # integer features every threshold is a half-integer, which float32 holds exactly.
+    whole = rng.integers(0, 4, (400, 12)).astype(np.float32)
+    labels = (whole[:, 0] + whole[:, 1] > 3).astype(int) + (whole[:, 2] > 1)
+    forest = RandomForestClassifier(n_estimators=5, random_state=0).fit(whole, labels)
+    inputs = keras.Input((12,))
+    model = keras.Model(inputs, forest_layer(forest, 12)(inputs))
+    on_thresholds = rng.integers(0, 3, (200, 12)).astype(np.float32) + 0.5
+    np.testing.assert_allclose(model.predict(on_thresholds, verbose=0), forest.predict_proba(on_thresholds),
                                atol=1e-6)
 
 
