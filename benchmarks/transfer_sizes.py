@@ -30,8 +30,8 @@ def main() -> None:
     parser.add_argument("--mid-level", action="store_true", help="add the pooled mid-level features")
     parser.add_argument("--prepared", default="data/prepared")
     args = parser.parse_args()
-    head_cfg = params_lib.load("params.yaml")["head"]
-    batch = params_lib.load("params.yaml")["transfer"]["batch_size"]
+    params = params_lib.load("params.yaml")
+    head_cfg, batch = params["head"], params["transfer"]["batch_size"]
 
     from cifar_pipeline.backbones import build_feature_extractor
     from cifar_pipeline.features import extract

@@ -60,6 +60,8 @@ def _feature_dataset(features: np.ndarray, labels: np.ndarray, num_classes: int,
 
 # Training images scored for the forest's train curve: enough for a smooth curve, cheap to predict.
 FOREST_TRAIN_SAMPLE = 5000
+# What a head's history holds per epoch (per tree count for a forest), as Keras names it.
+HISTORY_KEYS = ("accuracy", "loss", "val_accuracy", "val_loss")
 
 
 def fit_forest(train_x, train_y, val_x, val_y, num_classes: int, trees: int, min_samples_leaf: int,
@@ -75,7 +77,7 @@ def fit_forest(train_x, train_y, val_x, val_y, num_classes: int, trees: int, min
         raise PipelineError(f"the training features hold {len(forest.classes_)} of {num_classes} classes; "
                             "a forest head needs every class in the training split")
     sample = np.random.default_rng(seed).permutation(len(train_y))[:FOREST_TRAIN_SAMPLE]
-    history = {key: [] for key in ("accuracy", "loss", "val_accuracy", "val_loss")}
+    history = {key: [] for key in HISTORY_KEYS}
     live = Live(str(live_dir), report=None, save_dvc_exp=False, dvcyaml=None)
     for prefix, x, y in (("", train_x[sample], train_y[sample]), ("val_", val_x, val_y)):
         # Mean probability of the first k trees, for every k at once.
@@ -127,7 +129,7 @@ def train_head(*, features_dir: Path, prepared_dir: Path, extractor_path: Path, 
                           val_labels=val.labels, num_classes=num_classes, layers_to_tune=fine_tune_layers,
                           epochs=fine_tune_epochs, lr=fine_tune_lr, weight_decay=weight_decay,
                           batch_size=batch_size, patience=patience, seed=seed, live_dir=live_dir)
-        history = {key: history[key] + tuned[key] for key in ("accuracy", "loss", "val_accuracy", "val_loss")}
+        history = {key: history[key] + tuned[key] for key in HISTORY_KEYS}
     with atomic.atomic_path(model_path) as tmp:
         model.save(tmp)
     return history
