@@ -77,6 +77,28 @@ def test_unsafe_tar_members_are_refused(tmp_path, kind):
     assert not Path("/etc/evil").exists() and not (tmp_path.parent / "escape").exists()
 
 
+class _Zeros(io.RawIOBase):
+    """A stream of zero bytes, so a huge member compresses to almost nothing (a gzip bomb)."""
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        buffer[:] = bytes(len(buffer))
+        return len(buffer)
+
+
+def test_gzip_bomb_is_stopped_by_the_size_limit_before_it_expands(tmp_path):
+    path = tmp_path / "bomb.tar.gz"
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+        info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        info.size = 300 * 2**20  # the real batch is 30 MiB
+        tar.addfile(info, io.BufferedReader(_Zeros()))
+    assert path.stat().st_size < 2 * 2**20
+    with pytest.raises(ArchiveError, match="data_batch_1 would expand past the size limit"):
+        load_dataset(path, "cifar10")
+
+
 def test_truncated_archive_names_the_file(cifar10_archive, tmp_path):
     path, _ = cifar10_archive
     cut = tmp_path / "cut.tar.gz"

@@ -60,6 +60,29 @@ def test_training_batches_are_endless_one_hot_uint8(prepared, tmp_path):
     assert labels.shape == (64, 10) and np.allclose(labels.numpy().sum(1), 1)
 
 
+def test_each_epoch_holds_every_record_once_and_can_be_started_alone(prepared, tmp_path):
+    _build(prepared, tmp_path / "rec", copies=0)
+    args = dict(batch_size=64, num_classes=10, seed=3, online_flip=True, online_shift_px=2, online_cutout_px=4)
+    steps = 270 // 64
+    from_start = [(x.numpy(), y.numpy()) for x, y in
+                  records.training_dataset(tmp_path / "rec", **args).take(3 * steps)]
+    # Resuming at epoch 2 yields exactly the batches, augmentation included, of an uninterrupted stream.
+    resumed = [(x.numpy(), y.numpy()) for x, y in
+               records.training_dataset(tmp_path / "rec", start_epoch=2, **args).take(steps)]
+    for (x, y), (x_resumed, y_resumed) in zip(from_start[2 * steps:], resumed):
+        np.testing.assert_array_equal(x, x_resumed)
+        np.testing.assert_array_equal(y, y_resumed)
+    # Un-augmented, an epoch is 4 full batches of distinct records; the next epoch is another order.
+    plain = dict(args, online_flip=False, online_shift_px=0, online_cutout_px=0)
+    epochs = [np.concatenate([x.numpy() for x, _ in records.training_dataset(
+        tmp_path / "rec", start_epoch=epoch, **plain).take(steps)]) for epoch in (0, 1)]
+    train = load_split(prepared, "train").images
+    for images in epochs:
+        assert len({image.tobytes() for image in images}) == steps * 64
+        assert {image.tobytes() for image in images} <= {image.tobytes() for image in train}
+    assert not np.array_equal(epochs[0], epochs[1])
+
+
 def test_online_flip_and_shift():
     images = tf.constant(np.arange(2 * 32 * 32 * 3).reshape(2, 32, 32, 3) % 251, tf.uint8)
     seed = tf.constant([0, 0], tf.int64)

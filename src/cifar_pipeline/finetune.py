@@ -72,4 +72,4 @@ def fine_tune(model: keras.Model, *, train_images: np.ndarray, train_labels: np.
                image_dataset(val_images, val_labels, num_classes, batch_size, shuffle_seed=None),
                steps_per_epoch=None, epochs=epochs, optimizer=make_optimizer("adamw", lr, 0.0, weight_decay),
                label_smoothing=0.0, schedule="plateau", patience=patience, live_dir=live_dir,
-               images_per_epoch=len(train_labels), resume=True)
+               images_per_epoch=len(train_labels), continue_log=True)

@@ -81,6 +81,9 @@ class PartialIdentity(keras.initializers.Initializer):
 FAST_WIDTHS = (64, 256, 256)
 BIAS_LR_SCALE = 8.0  # stored-bias scale: BatchNorm biases learn 8**2 = 64x faster
 LOGIT_SCALE = 1 / 9  # small logits: the linear head learns slowly and softmax starts near uniform
+# airbench uses GELU; on this CPU in bfloat16 a ReLU step is 30% faster (unfused GELU is
+# several elementwise passes), which buys 6 more epochs in the same training time.
+FAST_ACTIVATION = "relu"
 
 
 def _fast_batchnorm(x):
@@ -94,13 +97,13 @@ def _fast(x, num_classes):
     """An airbench-style net: a 2x2 patch-whitening stem, three conv stages with
     early max-pooling, global max pool, a bias-free linear head with small logits."""
     x = layers.Conv2D(2 * PATCH_FEATURES, 2, padding="valid", use_bias=False, name=WHITENING_LAYER)(x)
-    x = layers.Activation("gelu")(x)
+    x = layers.Activation(FAST_ACTIVATION)(x)
     for filters in FAST_WIDTHS:
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=PartialIdentity())(x)
         x = layers.MaxPooling2D(padding="same")(x)
-        x = layers.Activation("gelu")(_fast_batchnorm(x))
+        x = layers.Activation(FAST_ACTIVATION)(_fast_batchnorm(x))
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=PartialIdentity())(x)
-        x = layers.Activation("gelu")(_fast_batchnorm(x))
+        x = layers.Activation(FAST_ACTIVATION)(_fast_batchnorm(x))
     x = layers.GlobalMaxPooling2D()(x)
     return _classifier(x, num_classes, use_bias=False, logit_scale=LOGIT_SCALE)
 
@@ -109,7 +112,7 @@ def patch_whitening_kernel(images: np.ndarray, mean, std, eps: float = 5e-4) -> 
     """A 2x2 conv kernel that whitens the 2x2x3 patches of normalised `images`.
 
     Each eigenvector of the patch covariance, scaled by 1/sqrt(eigenvalue), is a
-    filter, once with each sign so the GELU after it keeps both halves. The net
+    filter, once with each sign so the activation after it keeps both halves. The net
     then starts from decorrelated inputs instead of learning that first.
     """
     x = (np.asarray(images, np.float32) - np.float32(mean)) / np.float32(std)

@@ -133,6 +133,7 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "online_shift_px": _int(0, 8),
         "online_cutout_px": _int(0, 32),
         "precision": _choice(*PRECISIONS),
+        "deterministic": Spec("bool"),
         "seed": SEED,
     },
     "transfer": {

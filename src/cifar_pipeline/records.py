@@ -91,26 +91,45 @@ def random_flip_shift(images, seed, flip: bool, shift_px: int, cutout_px: int = 
     return images
 
 
+def _all_records(directory: Path, split: str) -> tf.Tensor:
+    """Every serialized record of a split, in shard order, as one string tensor:
+    about 3 KB an image, so even several cached copies fit in memory."""
+    data = tf.data.TFRecordDataset(shard_paths(directory, split))
+    return data.batch(read_info(directory)["sizes"][split]).get_single_element()
+
+
 def training_dataset(directory: Path, batch_size: int, num_classes: int, seed: int,
                      online_flip: bool, online_shift_px: int, online_cutout_px: int = 0,
-                     cutout_fill=(0, 0, 0)) -> tf.data.Dataset:
-    """Endless shuffled batches of (uint8 images, one-hot labels); use with steps_per_epoch."""
-    files = tf.data.Dataset.from_tensor_slices(shard_paths(directory, "train"))
-    data = (tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE)
-            .cache()  # serialized records: about 3 KB an image, so even several copies fit in memory
-            .shuffle(read_info(directory)["sizes"]["train"], seed=seed, reshuffle_each_iteration=True)
-            .repeat()
-            .batch(batch_size, drop_remainder=True)
-            .map(lambda s: _parse_batch(s, num_classes), num_parallel_calls=tf.data.AUTOTUNE)
-            .enumerate())
+                     cutout_fill=(0, 0, 0), start_epoch: int = 0) -> tf.data.Dataset:
+    """Endless batches of (uint8 images, one-hot labels), epoch after epoch from `start_epoch`;
+    use with steps_per_epoch = training records // batch_size (the rest sit out each epoch).
 
-    def augment(step, batch):
-        images, labels = batch
-        step_seed = tf.stack([tf.cast(seed, tf.int64), step])
+    Epoch e is a function of (seed, e) alone: its order is a stateless shuffle and
+    each batch's augmentation is seeded by its step number. Training resumed at
+    epoch e therefore sees exactly the batches an uninterrupted run would have.
+    """
+    serialized = _all_records(directory, "train")
+    count = int(serialized.shape[0])
+    steps = count // batch_size
+
+    def epoch_batches(epoch):
+        # (seed, -1 - epoch): apart from the augmentation's (seed, step) seeds.
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(count, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), -1 - epoch]))
+        batches = tf.reshape(order[: steps * batch_size], (steps, batch_size))
+        first_step = epoch * steps
+        return tf.data.Dataset.from_tensor_slices((first_step + tf.range(steps, dtype=tf.int64), batches))
+
+    def load(step, indices):
+        images, labels = _parse_batch(tf.gather(serialized, indices), num_classes)
+        step_seed = tf.stack([tf.constant(seed, tf.int64), step])
         return random_flip_shift(images, step_seed, online_flip, online_shift_px,
                                  online_cutout_px, cutout_fill), labels
 
-    return data.map(augment, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return (tf.data.Dataset.range(start_epoch, 2**62)
+            .flat_map(epoch_batches)
+            .map(load, num_parallel_calls=tf.data.AUTOTUNE)
+            .prefetch(tf.data.AUTOTUNE))
 
 
 def eval_dataset(directory: Path, split: str, batch_size: int, num_classes: int) -> tf.data.Dataset:

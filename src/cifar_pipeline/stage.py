@@ -19,11 +19,16 @@ def load_params(args: argparse.Namespace) -> dict:
     return params_lib.load(args.params)
 
 
-def set_seed(seed: int) -> None:
-    """Seed Python, NumPy and TensorFlow once, at the start of a stage."""
+def set_seed(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and TensorFlow once, at the start of a stage; `deterministic`
+    also makes TensorFlow's ops deterministic (slower: some lose their parallelism)."""
     import keras  # imported here so the stages that never touch TensorFlow stay fast
 
     keras.utils.set_random_seed(seed)
+    if deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
 
 
 def run(main: Callable[[], None]) -> None:

@@ -7,7 +7,6 @@ save a model whose loss went NaN.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import keras
@@ -16,6 +15,7 @@ import tensorflow as tf
 from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 
+from cifar_pipeline.checkpoints import EpochState
 from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.params import PRECISIONS
 
@@ -78,56 +78,65 @@ def learning_rate(schedule: str, lr: float, epochs: int, steps_per_epoch: int, w
         alpha=0.0, warmup_target=lr if warmup else None, warmup_steps=warmup)
 
 
-class _Timing(keras.callbacks.Callback):
-    """Adds wall time and throughput to the DVCLive summary (runs before DVCLive's end)."""
-
-    def __init__(self, live: Live, images_per_epoch: int):
-        super().__init__()
-        self.live, self.images_per_epoch = live, images_per_epoch
-        self.epoch_times: list[float] = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.epoch_times.append(time.perf_counter() - self._start)
-        # Epoch time includes validation; the first epoch includes graph tracing.
-        self.live.log_metric("epoch_time_s", round(self.epoch_times[-1], 2), plot=False)
-
-    def on_train_end(self, logs=None):
-        steady = self.epoch_times[1:] or self.epoch_times
-        self.live.summary["train_time_s"] = round(sum(self.epoch_times), 1)
-        self.live.summary["images_per_s"] = round(self.images_per_epoch / float(np.median(steady)), 1)
-
-
 def fit(model: keras.Model, train_data, val_data, *, steps_per_epoch: int | None, epochs: int,
         optimizer: keras.optimizers.Optimizer, label_smoothing: float, schedule: str, patience: int,
-        live_dir: Path, images_per_epoch: int, resume: bool = False) -> dict:
+        live_dir: Path, images_per_epoch: int, continue_log: bool = False,
+        checkpoint_dir: Path | None = None, fingerprint: str = "") -> dict:
     """Train `model` in place, keeping the weights of its best validation epoch; return the history.
-    `resume` appends to the DVCLive log in `live_dir` (steps continue) instead of starting it anew."""
+
+    `train_data` is a dataset, or a function of the first epoch to run that returns
+    one (needed to resume: see records.training_dataset). With `checkpoint_dir`,
+    the state after each epoch is saved there and a later call with the same
+    `fingerprint` resumes from it (checkpoints.EpochState); remove it with
+    checkpoints.remove once the model is saved. `continue_log` appends to the DVCLive log in
+    `live_dir` (steps continue) instead of starting it anew.
+    """
     model.compile(optimizer=optimizer,
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
                   metrics=["accuracy"])
-    live = Live(str(live_dir), resume=resume, report=None, save_dvc_exp=False, dvcyaml=None)
-    callbacks = [
-        keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=patience, restore_best_weights=True),
-        _Timing(live, images_per_epoch),
-        DVCLiveCallback(live=live),
-    ]
+    # A cosine schedule runs to its end (stopping at a high learning rate would keep a
+    # worse model); `patience` stops a plateau schedule once validation stalls.
+    state = EpochState(checkpoint_dir, fingerprint, monitor="val_accuracy",
+                       patience=patience if schedule == "plateau" else None)
+    start_epoch = state.restore(model)
+    live = Live(str(live_dir), resume=continue_log, report=None, save_dvc_exp=False, dvcyaml=None)
+    logger = DVCLiveCallback(live=live)
+    for epoch, logged in enumerate(state.epochs):  # replay the resumed epochs into the fresh log
+        _log_epoch_time(live, logged["seconds"])
+        logger.on_epoch_end(epoch, {key: value for key, value in logged.items() if key != "seconds"})
+    callbacks = [keras.callbacks.TerminateOnNaN(), state,
+                 keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: _log_epoch_time(
+                     live, state.epochs[-1]["seconds"])),
+                 logger]
     if schedule == "plateau":
+        # Its patience count restarts after a resume; the learning rate it set is restored.
         callbacks.insert(1, keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss", factor=0.5, patience=max(1, patience // 3), min_lr=1e-6))
-    history = model.fit(train_data, validation_data=val_data, epochs=epochs,
-                        steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=2,
-                        shuffle=False).history  # the datasets shuffle themselves
+    if start_epoch < epochs and not state.stopped_early():
+        data = train_data(start_epoch) if callable(train_data) else train_data
+        model.fit(data, validation_data=val_data, initial_epoch=start_epoch, epochs=epochs,
+                  steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=2,
+                  shuffle=False)  # the datasets shuffle themselves
+    else:  # it had finished when it was killed: only the best weights to restore
+        state.set_model(model)
+        state.on_train_end()
+        live.end()
+    history = state.history()
     losses = history.get("loss", []) + history.get("val_loss", [])
     if not losses or not all(math.isfinite(v) for v in losses):
         raise TrainingDiverged(
             "training diverged: the loss became NaN or infinite, so no model was saved; "
             "try a lower learning rate (train.lr / head.lr)")
-    best = int(np.argmax(history["val_accuracy"]))
-    live.summary["best_epoch"] = best + 1
-    live.summary["best_val_accuracy"] = round(float(history["val_accuracy"][best]), 4)
+    seconds = [epoch["seconds"] for epoch in state.epochs]
+    steady = seconds[1:] or seconds  # the first epoch includes graph tracing
+    live.summary["train_time_s"] = round(sum(seconds), 1)
+    live.summary["images_per_s"] = round(images_per_epoch / float(np.median(steady)), 1)
+    live.summary["best_epoch"] = state.best_epoch + 1
+    live.summary["best_val_accuracy"] = round(state.best_score, 4)
     live.make_summary()
     return history
+
+
+def _log_epoch_time(live: Live, seconds: float) -> None:
+    # Epoch time includes validation; the first epoch includes graph tracing.
+    live.log_metric("epoch_time_s", round(seconds, 2), plot=False)
