@@ -1,6 +1,7 @@
 """Training and input throughput of the default model, naive vs. this project's way, side by side.
 
     python benchmarks/throughput.py [--records data/records] [--prepared data/prepared] [--rounds 10]
+        [--deterministic]
 
 Two long-lived worker processes (oneDNN is fixed at TensorFlow import) build
 the model once each, then train in short bursts, taking turns, so each pair of
@@ -12,8 +13,10 @@ two from one minute to the next, so the per-round ratio is the figure to trust:
 A burst's speed is timed between its first and last batch, which leaves out
 `fit`'s set-up in both. A third worker reads and decodes the shards alone
 (with the online augmentation), and the time of one training epoch each way
-is derived. The model, batch size and online augmentation are those of `train`
-in params.yaml. Needs the outputs of the prepare and augment stages.
+is derived. `--deterministic` adds a worker that trains the project's way with
+TensorFlow op determinism (`train.deterministic: true`). The model, batch size
+and online augmentation are those of `train` in params.yaml. Needs the outputs
+of the prepare and augment stages.
 """
 from __future__ import annotations
 
@@ -49,7 +52,11 @@ def _trainer(mode: str, records: str, prepared: str, arch: str | None):
 
     cfg = train_params(arch)
     batch = cfg["batch_size"]
-    if mode == "project":
+    if mode == "deterministic":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    if mode != "naive":
         keras.mixed_precision.set_global_policy(compute_policy(cfg["precision"]))
     meta = load_meta(prepared)
     model = build_model(cfg["arch"], len(meta["class_names"]), meta["mean"], meta["std"],
@@ -92,7 +99,7 @@ def _reader(records: str, prepared: str):
 
     def timed() -> float:
         # A fresh iterator each burst: one kept between bursts would prefetch while it waits, and
-        # the burst would time draining that buffer. The clock starts once the shuffle buffer is full.
+        # the burst would time draining that buffer. The clock starts after the first batch.
         batches = iter(data)
         next(batches)
         start = time.perf_counter()
@@ -125,12 +132,14 @@ def main() -> None:
     parser.add_argument("--prepared", default="data/prepared")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--arch", help="another train.arch than params.yaml's")
-    parser.add_argument("--worker", choices=["naive", "project", "read"], help=argparse.SUPPRESS)
+    parser.add_argument("--deterministic", action="store_true",
+                        help="also time the project's way with train.deterministic (TensorFlow op determinism)")
+    parser.add_argument("--worker", choices=["naive", "project", "read", "deterministic"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.records, args.prepared, args.arch)
         return
-    onednn = {"naive": "0", "project": "1", "read": "1"}
+    onednn = {"naive": "0", "project": "1", "read": "1", **({"deterministic": "1"} if args.deterministic else {})}
     workers = {}
     for mode in onednn:
         env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn[mode], "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -142,12 +151,12 @@ def main() -> None:
     results: dict[str, list[float]] = {mode: [] for mode in workers}
     for round_ in range(args.rounds):
         # Alternate who goes first, so neither always follows the other.
-        for mode in ("naive", "project", "read") if round_ % 2 == 0 else ("project", "naive", "read"):
+        for mode in sorted(workers, key=lambda m: (m != "naive") ^ (round_ % 2 == 1)):
             workers[mode].stdin.write("run\n")
             workers[mode].stdin.flush()
             results[mode].append(float(_answer(workers[mode])))
-        print(f"round {round_ + 1}: naive {results['naive'][-1]:.0f}, project {results['project'][-1]:.0f}, "
-              f"read {results['read'][-1]:.0f} images/s", flush=True)
+        print(f"round {round_ + 1}: " + ", ".join(f"{mode} {values[-1]:.0f}" for mode, values in results.items())
+              + " images/s", flush=True)
     for process in workers.values():
         process.stdin.close()
         process.wait()
@@ -158,6 +167,10 @@ def main() -> None:
     print("project / naive training throughput, per round: " + ", ".join(f"{r:.2f}" for r in ratios))
     print(f"  median {statistics.median(ratios):.2f}x, min {min(ratios):.2f}x, max {max(ratios):.2f}x")
     print(f"TFRecord read / project training throughput (medians): {median['read'] / median['project']:.1f}x")
+    if args.deterministic:
+        slowdown = [d / p for d, p in zip(results["deterministic"], results["project"])]
+        print("deterministic / project, per round: " + ", ".join(f"{r:.2f}" for r in slowdown)
+              + f"; median {statistics.median(slowdown):.2f}")
     cfg = train_params(args.arch)
     # info.json read directly: the parent process never imports TensorFlow.
     train_size = json.loads((Path(args.records) / "info.json").read_text())["sizes"]["train"]

@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,6 +121,31 @@ def _data_hashes(repo):
     assert set(hashes) == {"data/prepared", "plots/samples.png", "data/records", "plots/augmentations.png",
                            "data/features"}
     return hashes
+
+
+def test_killed_dvc_repro_resumes_training_on_the_next_repro(repo):
+    # More epochs than the fixture's, so the kill lands while there is work left.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["epochs"] = 4
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.Popen(["dvc", "repro", "-s", "train"], cwd=repo, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = repo / "checkpoints" / "scratch" / "state.json"
+    deadline = time.monotonic() + 300
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # dvc and the stage it runs
+    process.wait()
+    finished = len(json.loads(state.read_text())["epochs"])
+    assert 1 <= finished < 4 and not (repo / "models" / "scratch.keras").exists()
+
+    again = _run(["dvc", "repro"], repo)
+    assert f"resuming after epoch {finished}" in again.stdout + again.stderr
+    assert _stages_run(again) == {"train", "evaluate@scratch"}
+    assert json.loads((repo / "dvclive" / "scratch" / "metrics.json").read_text())["step"] == 3
+    assert not state.parent.exists()
+    assert "Data and pipelines are up to date" in _run(["dvc", "status"], repo).stdout
 
 
 def test_bad_params_fail_before_any_work(repo):

@@ -1,4 +1,5 @@
-"""Compile and fit a Keras model with DVCLive logging, early stopping and an LR schedule.
+"""Compile and fit a Keras model with DVCLive logging, early stopping, an LR schedule
+and, optionally, per-epoch checkpoints from which a killed run resumes.
 
 Shared by the scratch-CNN stage and the transfer head stage: both pick the
 best epoch on the validation split (never the test split), and both refuse to
@@ -88,8 +89,8 @@ def fit(model: keras.Model, train_data, val_data, *, steps_per_epoch: int | None
     one (needed to resume: see records.training_dataset). With `checkpoint_dir`,
     the state after each epoch is saved there and a later call with the same
     `fingerprint` resumes from it (checkpoints.EpochState); remove it with
-    checkpoints.remove once the model is saved. `continue_log` appends to the DVCLive log in
-    `live_dir` (steps continue) instead of starting it anew.
+    checkpoints.remove once the model is saved. `continue_log` appends to the
+    DVCLive log in `live_dir` (steps continue) instead of starting it anew.
     """
     model.compile(optimizer=optimizer,
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
