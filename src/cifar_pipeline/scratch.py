@@ -18,8 +18,8 @@ WHITENING_SAMPLE = 5000
 def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, live_dir: Path,
                   checkpoint_dir: Path | None, arch: str, epochs: int, batch_size: int, optimizer: str,
                   lr: float, momentum: float, weight_decay: float, label_smoothing: float, schedule: str,
-                  warmup_epochs: float, patience: int, online_flip: bool, online_shift_px: int, online_cutout_px: int,
-                  precision: str, seed: int) -> dict:
+                  warmup_epochs: float, patience: int, online_flip: bool, online_shift_px: int,
+                  online_cutout_px: int, precision: str, seed: int) -> dict:
     """Train `arch` and save the weights of its best validation epoch; return the Keras history.
     A run killed after an epoch resumes from `checkpoint_dir` when called again with the same
     arguments, model and data (sizes, channel statistics, class names)."""
@@ -36,6 +36,7 @@ def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, li
     # A few thousand images estimate the 12x12 patch covariance of a whitening stem well.
     sample = np.asarray(load_split(prepared_dir, "train", mmap=True).images[:WHITENING_SAMPLE])
     model = build_model(arch, num_classes, meta["mean"], meta["std"], sample_images=sample)
+    settings = checkpoints.fingerprint(arguments, policy, model.to_json(), meta, records.read_info(records_dir))
     history = fit(
         model,
         lambda start_epoch: records.training_dataset(
@@ -46,9 +47,7 @@ def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, li
         optimizer=make_optimizer(optimizer, learning_rate(schedule, lr, epochs, steps, warmup_epochs),
                                  momentum, weight_decay),
         label_smoothing=label_smoothing, schedule=schedule, patience=patience,
-        live_dir=live_dir, images_per_epoch=steps * batch_size,
-        checkpoint_dir=checkpoint_dir, fingerprint=checkpoints.fingerprint(arguments, policy, model.to_json(), meta,
-                                                                      records.read_info(records_dir)))
+        live_dir=live_dir, images_per_epoch=steps * batch_size, checkpoint_dir=checkpoint_dir, fingerprint=settings)
     with atomic.atomic_path(model_path) as tmp:
         model.save(tmp)
     checkpoints.remove(checkpoint_dir)
