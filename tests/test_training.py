@@ -55,7 +55,7 @@ def test_nan_loss_stops_training_and_saves_no_model(head_inputs, tmp_path):
             _train(head_inputs, tmp_path, kind="logistic")
     finally:
         np.save(bad, original)
-    assert not (tmp_path / "transfer.keras").exists()
+    assert not (tmp_path / "transfer.keras").exists() and not (tmp_path / "live" / "metrics.json").exists()
 
 
 def test_head_standardises_features():

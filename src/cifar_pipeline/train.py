@@ -125,9 +125,11 @@ def fit(model: keras.Model, train_data, val_data, *, steps_per_epoch: int | None
     history = state.history()
     losses = history.get("loss", []) + history.get("val_loss", [])
     if not losses or not all(math.isfinite(v) for v in losses):
+        # DVCLive wrote a summary each epoch; none may look like a finished run's.
+        (Path(live_dir) / "metrics.json").unlink(missing_ok=True)
         raise TrainingDiverged(
-            "training diverged: the loss became NaN or infinite, so no model was saved; "
-            "try a lower learning rate (train.lr / head.lr)")
+            "training diverged: the loss became NaN or infinite, so no model or metrics were saved "
+            f"(the epochs are logged in {live_dir}/plots); try a lower learning rate (train.lr / head.lr)")
     seconds = [epoch["seconds"] for epoch in state.epochs]
     steady = seconds[1:] or seconds  # the first epoch includes graph tracing
     live.summary["train_time_s"] = round(sum(seconds), 1)
