@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -113,6 +114,4 @@ class EpochState(keras.callbacks.Callback):
 def remove(directory: Path | None) -> None:
     """Remove a checkpoint once the finished model is saved."""
     if directory is not None and Path(directory).exists():
-        for path in Path(directory).iterdir():
-            path.unlink()
-        Path(directory).rmdir()
+        shutil.rmtree(directory)

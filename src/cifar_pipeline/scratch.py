@@ -26,7 +26,8 @@ def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, li
     arguments = dict(locals())  # first, so it holds exactly the arguments
     meta = load_meta(prepared_dir)
     num_classes = len(meta["class_names"])
-    train_size = records.read_info(records_dir)["sizes"]["train"]
+    records_info = records.read_info(records_dir)
+    train_size = records_info["sizes"]["train"]
     if batch_size > train_size:
         raise PipelineError(f"train.batch_size={batch_size} exceeds the {train_size} training records")
     steps = train_size // batch_size
@@ -36,7 +37,7 @@ def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, li
     # A few thousand images estimate the 12x12 patch covariance of a whitening stem well.
     sample = np.asarray(load_split(prepared_dir, "train", mmap=True).images[:WHITENING_SAMPLE])
     model = build_model(arch, num_classes, meta["mean"], meta["std"], sample_images=sample)
-    settings = checkpoints.fingerprint(arguments, policy, model.to_json(), meta, records.read_info(records_dir))
+    settings = checkpoints.fingerprint(arguments, policy, model.to_json(), meta, records_info)
     history = fit(
         model,
         lambda start_epoch: records.training_dataset(
