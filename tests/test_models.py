@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cifar_pipeline.models import ARCHITECTURES, WHITENING_LAYER, PartialIdentity, ScaledBias, build_model
+from cifar_pipeline.fast_layers import FusedGelu, PartialIdentity, ShiftBatchNorm
+from cifar_pipeline.models import ARCHITECTURES, WHITENING_LAYER, build_model
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
@@ -57,20 +58,49 @@ def test_whitening_stem_decorrelates_patches_and_stays_frozen(tmp_path):
     np.testing.assert_allclose(reloaded.get_layer(WHITENING_LAYER).get_weights()[0], stem.get_weights()[0])
 
 
-def test_scaled_bias_learns_scale_squared_faster_under_sgd():
-    def bias_after_one_step(layer):
-        x = np.zeros((4, 3), np.float32)
-        layer(x)  # builds it
-        optimizer = keras.optimizers.SGD(0.01)
-        with tf.GradientTape() as tape:
-            loss = keras.ops.sum(layer(x) * np.array([1.0, -2.0, 3.0], np.float32))
-        optimizer.apply_gradients(zip(tape.gradient(loss, layer.trainable_weights), layer.trainable_weights))
-        return layer(x).numpy()[0]
+def test_shift_batchnorm_matches_keras_batchnorm_plus_a_bias_in_training_and_inference():
+    x = np.random.default_rng(0).normal(2.0, 3.0, size=(8, 4, 4, 5)).astype(np.float32)
+    shift = np.linspace(-1, 1, 5).astype(np.float32)
+    fused = ShiftBatchNorm(shift_scale=8.0, momentum=0.6, epsilon=1e-5)
+    reference = keras.layers.BatchNormalization(momentum=0.6, epsilon=1e-5, scale=False)
+    fused.build(x.shape)
+    reference.build(x.shape)
+    fused.stored_shift.assign(shift / 8.0)
+    reference.beta.assign(shift)
+    for _ in range(3):  # moving statistics after several updates
+        np.testing.assert_allclose(fused(x, training=True), reference(x, training=True), atol=1e-4)
+    np.testing.assert_allclose(fused.moving_mean.numpy(), reference.moving_mean.numpy(), rtol=1e-5)
+    # The fused kernel's running variance uses the unbiased batch variance (n / (n - 1), n = 128).
+    np.testing.assert_allclose(fused.moving_variance.numpy(), reference.moving_variance.numpy(), rtol=2e-2)
+    np.testing.assert_allclose(fused(x, training=False), reference(x, training=False), atol=2e-2)
 
-    plain = bias_after_one_step(keras.layers.Dense(3, kernel_initializer="zeros"))
-    scaled = bias_after_one_step(ScaledBias(8.0))
-    np.testing.assert_allclose(scaled, 64 * plain, rtol=1e-5)
-    assert ScaledBias.from_config(ScaledBias(8.0).get_config()).scale == 8.0
+
+def test_shift_batchnorm_shift_learns_scale_squared_faster_under_sgd():
+    x = np.random.default_rng(1).normal(size=(16, 2, 2, 3)).astype(np.float32)
+
+    def shift_after_one_step(layer, variable_name, stored_scale):
+        layer(x, training=True)  # builds it
+        variable = getattr(layer, variable_name)
+        with tf.GradientTape() as tape:
+            loss = keras.ops.sum(layer(x, training=True) * np.array([1.0, -2.0, 3.0], np.float32))
+        keras.optimizers.SGD(0.01).apply_gradients([(tape.gradient(loss, variable), variable)])
+        return stored_scale * variable.numpy()
+
+    plain = shift_after_one_step(keras.layers.BatchNormalization(scale=False), "beta", 1.0)
+    fused = shift_after_one_step(ShiftBatchNorm(shift_scale=8.0), "stored_shift", 8.0)
+    assert np.abs(plain).min() > 0
+    np.testing.assert_allclose(fused, 64 * plain, rtol=1e-5)
+    config = ShiftBatchNorm.from_config(ShiftBatchNorm(8.0, momentum=0.6, epsilon=1e-5).get_config()).get_config()
+    assert (config["shift_scale"], config["momentum"], config["epsilon"]) == (8.0, 0.6, 1e-5)
+
+
+def test_fused_gelu_matches_keras_exact_gelu_and_its_gradient():
+    x = tf.constant(np.linspace(-5, 5, 101, dtype=np.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        fused, reference = FusedGelu()(x), keras.activations.gelu(x, approximate=False)
+    np.testing.assert_allclose(fused, reference, atol=1e-6)
+    np.testing.assert_allclose(tape.gradient(fused, x), tape.gradient(reference, x), atol=1e-5)
 
 
 @pytest.mark.parametrize("channels_in, channels_out", [(24, 64), (64, 32)])

@@ -37,8 +37,8 @@ def data(cifar10_archive, tmp_path_factory):
     return root
 
 
-def _start(data: Path, out: Path) -> subprocess.Popen:
-    command = [sys.executable, str(PROJECT / "stages" / "train.py"), "--params", str(data / "params.yaml"),
+def _start(data: Path, out: Path, params: Path | None = None) -> subprocess.Popen:
+    command = [sys.executable, str(PROJECT / "stages" / "train.py"), "--params", str(params or data / "params.yaml"),
                "--records", str(data / "records"), "--prepared", str(data / "prepared"),
                "--model", str(out / "scratch.keras"), "--live-dir", str(out / "live"),
                "--curves-png", str(out / "curves.png"), "--checkpoint-dir", str(out / "checkpoint")]
@@ -123,3 +123,17 @@ def test_checkpoint_of_other_settings_is_not_resumed_and_a_diverged_epoch_is_not
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-1.weights.h5", "state.json"]
     checkpoints.remove(tmp_path)
     assert not tmp_path.exists()
+
+
+def test_a_diverging_learning_rate_stops_the_stage_with_advice_and_writes_no_model_or_metrics(data, tmp_path):
+    params = yaml.safe_load((data / "params.yaml").read_text())
+    # A dense net has no BatchNorm to keep its weights' scale in check: at this rate they overflow.
+    params["train"].update(arch="ann", optimizer="sgd", lr=10.0, warmup_epochs=0, deterministic=False)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    process = _start(data, tmp_path, params=tmp_path / "params.yaml")
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 1
+    assert "training diverged: the loss became NaN or infinite" in output and "train.lr" in output
+    assert "Traceback" not in output
+    assert not (tmp_path / "scratch.keras").exists() and not (tmp_path / "curves.png").exists()
+    assert not (tmp_path / "live" / "metrics.json").exists()
