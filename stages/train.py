@@ -20,7 +20,8 @@ def main() -> None:
 
     history = train_scratch(records_dir=args.records, prepared_dir=args.prepared, model_path=args.model,
                             live_dir=args.live_dir, checkpoint_dir=args.checkpoint_dir, **cfg)
-    plots.learning_curves(history, f"Scratch CNN ({cfg['arch']})", args.curves_png)
+    if history is not None:  # None: a worker of a cluster other than the chief
+        plots.learning_curves(history, f"Scratch CNN ({cfg['arch']})", args.curves_png)
 
 
 if __name__ == "__main__":

@@ -23,3 +23,17 @@ def cifar10_archive(tmp_path_factory):
 def cifar100_archive(tmp_path_factory):
     path = tmp_path_factory.mktemp("archives") / "cifar-100-python.tar.gz"
     return path, write_tar_gz(path, cifar100_members())
+
+
+@pytest.fixture(scope="session")
+def training_data(cifar10_archive, tmp_path_factory):
+    """A directory with `prepared/` (20% validation) and un-augmented `records/` (4 shards) of the
+    CIFAR-10 archive: the inputs of the train stage."""
+    from cifar_pipeline.augment import build_records
+    from cifar_pipeline.prepare import prepare
+
+    root = tmp_path_factory.mktemp("training_data")
+    prepare(cifar10_archive[0], root / "prepared", "cifar10", "fine", val_fraction=0.2, limit=None, seed=0)
+    build_records(root / "prepared", root / "records", copies=0, flip=False, shift=0, rotation_deg=0, zoom=0,
+                  shards=4, seed=0)
+    return root

@@ -17,10 +17,13 @@ PROJECT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
 
 
+def _env():
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
 def _run(args, cwd, check=True):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    result = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -129,7 +132,7 @@ def test_killed_dvc_repro_resumes_training_on_the_next_repro(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["epochs"] = 4
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = _env()
     process = subprocess.Popen(["dvc", "repro", "-s", "train"], cwd=repo, env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = repo / "checkpoints" / "scratch" / "state.json"
@@ -147,6 +150,49 @@ def test_killed_dvc_repro_resumes_training_on_the_next_repro(repo):
     assert json.loads((repo / "dvclive" / "scratch" / "metrics.json").read_text())["step"] == 3
     assert not state.parent.exists()
     assert "Data and pipelines are up to date" in _run(["dvc", "status"], repo).stdout
+
+
+def test_queued_sweep_runs_two_experiments_at_once(repo):
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "resumed run", "--allow-empty")
+    _run(["dvc", "exp", "run", "--queue", "-S", "train.lr=0.05,0.1"], repo)
+    # One thread per TensorFlow pool in each run, so the two runs share the cores instead of fighting.
+    # Not through _run: the queue's workers keep its output pipes open until the queue is empty.
+    started = subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**_env(), "TF_NUM_INTRAOP_THREADS": "1",
+                                                              "TF_NUM_INTEROP_THREADS": "1"})
+    assert started.returncode == 0
+    most_running, deadline = 0, time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = _run(["dvc", "queue", "status"], repo).stdout
+        most_running = max(most_running, status.count(" Running"))
+        if " Queued" not in status and " Running" not in status:
+            break
+        time.sleep(0.5)
+    assert most_running == 2, status
+    assert status.count(" Success") == 2, status
+    accuracies = {}
+    for baseline in json.loads(_run(["dvc", "exp", "show", "--json"], repo).stdout):
+        for experiment in baseline.get("experiments") or []:
+            data = experiment["revs"][0]["data"]
+            lr = data["params"]["params.yaml"]["data"]["train"]["lr"]
+            accuracies[lr] = data["metrics"]["metrics/scratch.json"]["data"]["accuracy"]
+    assert set(accuracies) == {0.05, 0.1}
+
+
+def test_a_fresh_clone_pulls_data_features_and_models_from_the_remote_with_nothing_to_rerun(repo, tmp_path):
+    _run(["dvc", "remote", "add", "-d", "storage", str(tmp_path / "remote")], repo)
+    _run(["dvc", "push"], repo)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "remote", "--allow-empty")
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    _run(["dvc", "pull"], clone)
+    for output in ("data/records", "data/features", "models/scratch.keras", "models/transfer.keras"):
+        assert (clone / output).exists(), output
+    assert (clone / "models" / "scratch.keras").read_bytes() == (repo / "models" / "scratch.keras").read_bytes()
+    assert "Data and pipelines are up to date" in _run(["dvc", "status"], clone).stdout
+    assert _stages_run(_run(["dvc", "repro"], clone)) == set()
 
 
 def test_bad_params_fail_before_any_work(repo):

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from cifar_pipeline import records
+from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.augment import build_records
 from cifar_pipeline.prepare import load_split, prepare
 
@@ -115,3 +116,19 @@ def test_online_cutout_paints_one_clipped_square_with_the_fill():
         sizes.append(hole.sum())
     # Squares near the border are clipped; most land whole.
     assert max(sizes) == 64 and min(sizes) < 64
+
+
+def test_workers_read_disjoint_shard_files_that_together_hold_every_record(prepared, tmp_path):
+    _build(prepared, tmp_path / "rec", copies=0)  # 270 records in 3 shards of 90
+    plain = dict(batch_size=10, num_classes=10, seed=0, online_flip=False, online_shift_px=0)
+    assert records.shard_sizes(tmp_path / "rec", "train") == [90, 90, 90]
+    seen = []
+    for worker, files in ((0, 2), (1, 1)):  # worker 0 reads shards 0 and 2, worker 1 shard 1
+        images = np.concatenate([x.numpy() for x, _ in records.training_dataset(
+            tmp_path / "rec", worker=worker, workers=2, batches_per_epoch=9 * files, **plain).take(9 * files)])
+        seen.append({image.tobytes() for image in images})
+        assert len(seen[-1]) == 90 * files
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == {image.tobytes() for image in load_split(prepared, "train").images}
+    with pytest.raises(PipelineError, match="3 shard files cannot feed 4 workers: set augment.shards"):
+        records.training_dataset(tmp_path / "rec", worker=3, workers=4, **plain)

@@ -17,19 +17,16 @@ import pytest
 import yaml
 
 from cifar_pipeline import checkpoints, saved_models
-from cifar_pipeline.augment import build_records
-from cifar_pipeline.prepare import prepare
 
 PROJECT = Path(__file__).resolve().parents[1]
 EPOCHS = 6
 
 
 @pytest.fixture(scope="module")
-def data(cifar10_archive, tmp_path_factory):
+def data(training_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    prepare(cifar10_archive[0], root / "prepared", "cifar10", "fine", val_fraction=0.2, limit=None, seed=0)
-    build_records(root / "prepared", root / "records", copies=0, flip=False, shift=0, rotation_deg=0, zoom=0,
-                  shards=2, seed=0)
+    for name in ("prepared", "records"):
+        (root / name).symlink_to(training_data / name)
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     params["train"].update(epochs=EPOCHS, batch_size=16, patience=EPOCHS, warmup_epochs=1, precision="float32",
                            deterministic=True)

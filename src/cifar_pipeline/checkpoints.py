@@ -35,12 +35,16 @@ def fingerprint(*parts) -> str:
 class EpochState(keras.callbacks.Callback):
     """Times each epoch, keeps the history and the best epoch's weights, stops after
     `patience` epochs without a better `monitor` (None: never), and, given a `directory`, saves
-    all of it at each epoch's end. Call `restore` before `fit`: it returns the epoch
-    to start from (0 when there is nothing to resume)."""
+    all of it at each epoch's end, to `save_to` if given (a cluster's workers other than the
+    chief resume from the chief's checkpoint but must save too, elsewhere: saving runs
+    collective ops). Call `restore` before `fit`: it returns the epoch to start from
+    (0 when there is nothing to resume)."""
 
-    def __init__(self, directory: Path | None, fingerprint: str, monitor: str, patience: int | None):
+    def __init__(self, directory: Path | None, fingerprint: str, monitor: str, patience: int | None,
+                 save_to: Path | None = None):
         super().__init__()
         self.directory = Path(directory) if directory else None
+        self.save_to = Path(save_to) if save_to else self.directory
         self.fingerprint, self.monitor, self.patience = fingerprint, monitor, patience
         self.epochs: list[dict] = []  # per epoch: Keras' logs plus "seconds"
         self.best_epoch, self.best_score, self._best_weights = -1, -math.inf, None
@@ -85,7 +89,7 @@ class EpochState(keras.callbacks.Callback):
         if logs[self.monitor] > self.best_score:
             self.best_epoch, self.best_score = epoch, logs[self.monitor]
             self._best_weights = self.model.get_weights()
-        if self.directory is not None:
+        if self.save_to is not None:
             self._save(epoch)
         if self.stopped_early():
             self.model.stop_training = True
@@ -94,15 +98,15 @@ class EpochState(keras.callbacks.Callback):
         return self.patience is not None and len(self.epochs) - 1 - self.best_epoch >= self.patience
 
     def _save(self, epoch: int) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.save_to.mkdir(parents=True, exist_ok=True)
         weights = f"epoch-{epoch}.weights.h5"
-        self.model.save_weights(self.directory / weights)
+        self.model.save_weights(self.save_to / weights)
         if self.best_epoch == epoch:
             self._best_file = weights
         state = {"fingerprint": self.fingerprint, "weights": weights, "epochs": self.epochs,
                  "best_epoch": self.best_epoch, "best_score": self.best_score, "best_weights": self._best_file}
-        atomic.write_json(self.directory / STATE_FILE, state)
-        for path in self.directory.glob("*.weights.h5"):
+        atomic.write_json(self.save_to / STATE_FILE, state)
+        for path in self.save_to.glob("*.weights.h5"):
             if path.name not in (state["weights"], state["best_weights"]):
                 path.unlink()
 

@@ -23,6 +23,7 @@ BACKBONES = (
     "inception_resnet_v2",
 )
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+STRATEGIES = ("auto", "mirrored", "multi_worker")  # distribute.make_strategy
 TTA_MODES = ("none", "flip", "flip_shift")
 
 
@@ -134,6 +135,7 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "online_cutout_px": _int(0, 32),
         "precision": _choice(*PRECISIONS),
         "deterministic": Spec("bool"),
+        "strategy": _choice(*STRATEGIES),
         "seed": SEED,
     },
     "transfer": {

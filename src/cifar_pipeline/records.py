@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from cifar_pipeline.errors import PipelineError
+
 IMAGE_SHAPE = (32, 32, 3)
 _FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),
@@ -91,26 +93,48 @@ def random_flip_shift(images, seed, flip: bool, shift_px: int, cutout_px: int = 
     return images
 
 
-def _all_records(directory: Path, split: str) -> tf.Tensor:
-    """Every serialized record of a split, in shard order, as one string tensor:
-    about 3 KB an image, so even several cached copies fit in memory."""
-    data = tf.data.TFRecordDataset(shard_paths(directory, split))
-    return data.batch(read_info(directory)["sizes"][split]).get_single_element()
+def _all_records(paths: list[str], most: int) -> tf.Tensor:
+    """Every serialized record in the shard files `paths`, in order, as one string tensor:
+    about 3 KB an image, so even several cached copies fit in memory. `most` bounds the count."""
+    return tf.data.TFRecordDataset(paths).batch(most).get_single_element()
+
+
+def worker_shards(paths: list[str], worker: int, workers: int) -> list[str]:
+    """A worker's share of a split's shards (their paths, or their sizes): every `workers`-th,
+    from its index, so each worker reads whole files of its own."""
+    mine = paths[worker::workers]
+    if not mine:
+        raise PipelineError(f"{len(paths)} shard files cannot feed {workers} workers: "
+                            "set augment.shards to at least the number of workers")
+    return mine
+
+
+def shard_sizes(directory: Path, split: str) -> list[int]:
+    """Records per shard file of a split, in shard_paths order (write_shards deals them round-robin)."""
+    count, shards = read_info(directory)["sizes"][split], len(shard_paths(directory, split))
+    return [count // shards + (i < count % shards) for i in range(shards)]
 
 
 def training_dataset(directory: Path, batch_size: int, num_classes: int, seed: int,
                      online_flip: bool, online_shift_px: int, online_cutout_px: int = 0,
-                     cutout_fill=(0, 0, 0), start_epoch: int = 0) -> tf.data.Dataset:
-    """Endless batches of (uint8 images, one-hot labels), epoch after epoch from `start_epoch`;
-    use with steps_per_epoch = training records // batch_size (the rest sit out each epoch).
+                     cutout_fill=(0, 0, 0), start_epoch: int = 0, worker: int = 0, workers: int = 1,
+                     batches_per_epoch: int | None = None) -> tf.data.Dataset:
+    """Endless batches of (uint8 images, one-hot labels), epoch after epoch from `start_epoch`,
+    `batches_per_epoch` of them an epoch (default: as many as the records fill; the rest sit out).
 
     Epoch e is a function of (seed, e) alone: its order is a stateless shuffle and
-    each batch's augmentation is seeded by its step number. Training resumed at
-    epoch e therefore sees exactly the batches an uninterrupted run would have.
+    each batch's augmentation is seeded by its number. Training resumed at epoch e
+    therefore sees exactly the batches an uninterrupted run would have. Of `workers`
+    input pipelines (one per machine), this one, `worker`, reads only its share of
+    the shard files (worker_shards).
     """
-    serialized = _all_records(directory, "train")
+    paths = worker_shards(shard_paths(directory, "train"), worker, workers)
+    serialized = _all_records(paths, read_info(directory)["sizes"]["train"])
     count = int(serialized.shape[0])
-    steps = count // batch_size
+    steps = batches_per_epoch or count // batch_size
+    if steps * batch_size > count:
+        raise ValueError(f"{steps} batches of {batch_size} need {steps * batch_size} records; "
+                         f"worker {worker} has {count}")
 
     def epoch_batches(epoch):
         # (seed, -1 - epoch): apart from the augmentation's (seed, step) seeds.
@@ -122,7 +146,8 @@ def training_dataset(directory: Path, batch_size: int, num_classes: int, seed: i
 
     def load(step, indices):
         images, labels = _parse_batch(tf.gather(serialized, indices), num_classes)
-        step_seed = tf.stack([tf.constant(seed, tf.int64), step])
+        # Other workers' batches of the same number get other augmentations.
+        step_seed = tf.stack([tf.constant(seed, tf.int64), step * workers + worker])
         return random_flip_shift(images, step_seed, online_flip, online_shift_px,
                                  online_cutout_px, cutout_fill), labels
 

@@ -1,12 +1,15 @@
 """Train a CNN from scratch on the cached TFRecords and save it as `.keras`."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from cifar_pipeline import atomic, checkpoints, records
+from cifar_pipeline.distribute import is_chief, make_strategy, worker_count
 from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.models import build_model
 from cifar_pipeline.prepare import load_meta, load_split
@@ -19,38 +22,68 @@ def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, li
                   checkpoint_dir: Path | None, arch: str, epochs: int, batch_size: int, optimizer: str,
                   lr: float, momentum: float, weight_decay: float, label_smoothing: float, schedule: str,
                   warmup_epochs: float, patience: int, online_flip: bool, online_shift_px: int,
-                  online_cutout_px: int, precision: str, seed: int) -> dict:
-    """Train `arch` and save the weights of its best validation epoch; return the Keras history.
+                  online_cutout_px: int, precision: str, strategy: str, seed: int) -> dict | None:
+    """Train `arch` and save the weights of its best validation epoch; return the Keras history
+    (None on a cluster's workers other than the chief, which write nothing).
     A run killed after an epoch resumes from `checkpoint_dir` when called again with the same
-    arguments, model and data (sizes, channel statistics, class names)."""
+    arguments, model and data (sizes, channel statistics, class names). `strategy`
+    (distribute.STRATEGIES) spreads each batch of `batch_size` images over devices or machines."""
     arguments = dict(locals())  # first, so it holds exactly the arguments
+    distribution = make_strategy(strategy)
+    replicas, workers = distribution.num_replicas_in_sync, worker_count(distribution)
     meta = load_meta(prepared_dir)
     num_classes = len(meta["class_names"])
     records_info = records.read_info(records_dir)
-    train_size = records_info["sizes"]["train"]
-    if batch_size > train_size:
-        raise PipelineError(f"train.batch_size={batch_size} exceeds the {train_size} training records")
-    steps = train_size // batch_size
+    if batch_size % replicas:
+        raise PipelineError(f"train.batch_size={batch_size} does not split evenly over {replicas} replicas")
+    # Every worker takes the same number of steps, each with batch_size / workers of its own records.
+    sizes = records.shard_sizes(records_dir, "train")
+    steps = min(sum(records.worker_shards(sizes, w, workers)) for w in range(workers)) * workers // batch_size
+    if steps == 0:
+        raise PipelineError(f"train.batch_size={batch_size} exceeds the {sum(sizes)} training records"
+                            + (f" ({workers} workers)" if workers > 1 else ""))
     policy = compute_policy(precision)
     keras.mixed_precision.set_global_policy(policy)
-    print(f"train: {arch} in {policy}")
+    print(f"train: {arch} in {policy}" + (f" on {replicas} replicas" if replicas > 1 else ""))
     # A few thousand images estimate the 12x12 patch covariance of a whitening stem well.
     sample = np.asarray(load_split(prepared_dir, "train", mmap=True).images[:WHITENING_SAMPLE])
-    model = build_model(arch, num_classes, meta["mean"], meta["std"], sample_images=sample)
-    settings = checkpoints.fingerprint(arguments, policy, model.to_json(), meta, records_info)
-    history = fit(
-        model,
-        lambda start_epoch: records.training_dataset(
-            records_dir, batch_size, num_classes, seed, online_flip, online_shift_px, online_cutout_px,
-            cutout_fill=meta["mean"], start_epoch=start_epoch),
-        records.eval_dataset(records_dir, "val", max(batch_size, 256), num_classes),
-        steps_per_epoch=steps, epochs=epochs,
-        optimizer=make_optimizer(optimizer, learning_rate(schedule, lr, epochs, steps, warmup_epochs),
-                                 momentum, weight_decay),
-        label_smoothing=label_smoothing, schedule=schedule, patience=patience,
-        live_dir=live_dir, images_per_epoch=steps * batch_size, checkpoint_dir=checkpoint_dir, fingerprint=settings)
-    with atomic.atomic_path(model_path) as tmp:
-        model.save(tmp)
-    checkpoints.remove(checkpoint_dir)
-    return history
+
+    def training_batches(start_epoch: int):
+        def for_worker(context: tf.distribute.InputContext):
+            # One pipeline per worker; its batches go to the worker's replicas in turn.
+            per_replica = context.get_per_replica_batch_size(batch_size)
+            local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
+            return records.training_dataset(
+                records_dir, per_replica, num_classes, seed, online_flip, online_shift_px, online_cutout_px,
+                cutout_fill=meta["mean"], start_epoch=start_epoch, worker=context.input_pipeline_id,
+                workers=context.num_input_pipelines, batches_per_epoch=steps * local_replicas)
+        return distribution.distribute_datasets_from_function(for_worker)
+
+    chief = is_chief(distribution)
+    with distribution.scope():
+        model = build_model(arch, num_classes, meta["mean"], meta["std"], sample_images=sample)
+        settings = checkpoints.fingerprint(arguments, policy, model.to_json(), meta, records_info)
+        history = fit(
+            model, training_batches,
+            _replicated(records.eval_dataset(records_dir, "val", max(batch_size, 256), num_classes)),
+            steps_per_epoch=steps, epochs=epochs,
+            optimizer=make_optimizer(optimizer, learning_rate(schedule, lr, epochs, steps, warmup_epochs),
+                                     momentum, weight_decay),
+            label_smoothing=label_smoothing, schedule=schedule, patience=patience, live_dir=live_dir,
+            images_per_epoch=steps * batch_size, checkpoint_dir=checkpoint_dir, fingerprint=settings, chief=chief)
+    if chief:
+        with atomic.atomic_path(model_path) as tmp:
+            model.save(tmp)
+        checkpoints.remove(checkpoint_dir)
+        return history
+    with tempfile.TemporaryDirectory() as throwaway:  # saving may run collective ops: all workers save
+        model.save(Path(throwaway) / model_path.name)
+    return None
+
+
+def _replicated(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    # Every worker evaluates all of the (small) validation split; accuracy is the same ratio.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return dataset.with_options(options)
 

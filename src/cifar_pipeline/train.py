@@ -8,6 +8,8 @@ save a model whose loss went NaN.
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 from pathlib import Path
 
 import keras
@@ -17,6 +19,7 @@ from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 
 from cifar_pipeline.checkpoints import EpochState
+from cifar_pipeline.distribute import same_on_every_worker
 from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.params import PRECISIONS
 
@@ -82,7 +85,7 @@ def learning_rate(schedule: str, lr: float, epochs: int, steps_per_epoch: int, w
 def fit(model: keras.Model, train_data, val_data, *, steps_per_epoch: int | None, epochs: int,
         optimizer: keras.optimizers.Optimizer, label_smoothing: float, schedule: str, patience: int,
         live_dir: Path, images_per_epoch: int, continue_log: bool = False,
-        checkpoint_dir: Path | None = None, fingerprint: str = "") -> dict:
+        checkpoint_dir: Path | None = None, fingerprint: str = "", chief: bool = True) -> dict:
     """Train `model` in place, keeping the weights of its best validation epoch; return the history.
 
     `train_data` is a dataset, or a function of the first epoch to run that returns
@@ -90,7 +93,9 @@ def fit(model: keras.Model, train_data, val_data, *, steps_per_epoch: int | None
     the state after each epoch is saved there and a later call with the same
     `fingerprint` resumes from it (checkpoints.EpochState); remove it with
     checkpoints.remove once the model is saved. `continue_log` appends to the
-    DVCLive log in `live_dir` (steps continue) instead of starting it anew.
+    DVCLive log in `live_dir` (steps continue) instead of starting it anew. On a
+    multi-worker cluster every worker calls this; only the `chief` logs, and the others
+    write their checkpoints to a temporary directory, removed at the end.
     """
     model.compile(optimizer=optimizer,
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
@@ -98,38 +103,50 @@ def fit(model: keras.Model, train_data, val_data, *, steps_per_epoch: int | None
     # A cosine schedule runs to its end (stopping at a high learning rate would keep a
     # worse model); `patience` stops a plateau schedule once validation stalls.
     state = EpochState(checkpoint_dir, fingerprint, monitor="val_accuracy",
-                       patience=patience if schedule == "plateau" else None)
+                       patience=patience if schedule == "plateau" else None,
+                       save_to=None if chief or checkpoint_dir is None else tempfile.mkdtemp(prefix="checkpoint-"))
     start_epoch = state.restore(model)
-    live = Live(str(live_dir), resume=continue_log, report=None, save_dvc_exp=False, dvcyaml=None)
-    logger = DVCLiveCallback(live=live)
-    for epoch, logged in enumerate(state.epochs):  # replay the resumed epochs into the fresh log
-        _log_epoch_time(live, logged["seconds"])
-        logger.on_epoch_end(epoch, {key: value for key, value in logged.items() if key != "seconds"})
-    callbacks = [keras.callbacks.TerminateOnNaN(), state,
-                 keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: _log_epoch_time(
-                     live, state.epochs[-1]["seconds"])),
-                 logger]
+    if not same_on_every_worker(start_epoch):
+        raise PipelineError(f"this worker would resume after epoch {start_epoch}, others elsewhere: on a cluster, "
+                            f"{checkpoint_dir} must be storage that every worker shares (or absent on all)")
+    callbacks = [keras.callbacks.TerminateOnNaN(), state]
+    live = None
+    if chief:
+        live = Live(str(live_dir), resume=continue_log, report=None, save_dvc_exp=False, dvcyaml=None)
+        logger = DVCLiveCallback(live=live)
+        for epoch, logged in enumerate(state.epochs):  # replay the resumed epochs into the fresh log
+            _log_epoch_time(live, logged["seconds"])
+            logger.on_epoch_end(epoch, {key: value for key, value in logged.items() if key != "seconds"})
+        callbacks += [keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: _log_epoch_time(
+            live, state.epochs[-1]["seconds"])), logger]
     if schedule == "plateau":
         # Its patience count restarts after a resume; the learning rate it set is restored.
         callbacks.insert(1, keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss", factor=0.5, patience=max(1, patience // 3), min_lr=1e-6))
     if start_epoch < epochs and not state.stopped_early():
         data = train_data(start_epoch) if callable(train_data) else train_data
-        model.fit(data, validation_data=val_data, initial_epoch=start_epoch, epochs=epochs,
-                  steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=2,
-                  shuffle=False)  # the datasets shuffle themselves
+        try:
+            model.fit(data, validation_data=val_data, initial_epoch=start_epoch, epochs=epochs,
+                      steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=2,
+                      shuffle=False)  # the datasets shuffle themselves
+        finally:
+            if state.save_to != state.directory:
+                shutil.rmtree(state.save_to)
     else:  # it had finished when it was killed: only the best weights to restore
         state.set_model(model)
         state.on_train_end()
-        live.end()
+        if live is not None:
+            live.end()
     history = state.history()
     losses = history.get("loss", []) + history.get("val_loss", [])
     if not losses or not all(math.isfinite(v) for v in losses):
-        # DVCLive wrote a summary each epoch; none may look like a finished run's.
-        (Path(live_dir) / "metrics.json").unlink(missing_ok=True)
+        if chief:  # DVCLive wrote a summary each epoch; none may look like a finished run's.
+            (Path(live_dir) / "metrics.json").unlink(missing_ok=True)
         raise TrainingDiverged(
             "training diverged: the loss became NaN or infinite, so no model or metrics were saved "
             f"(the epochs are logged in {live_dir}/plots); try a lower learning rate (train.lr / head.lr)")
+    if live is None:
+        return history
     seconds = [epoch["seconds"] for epoch in state.epochs]
     steady = seconds[1:] or seconds  # the first epoch includes graph tracing
     live.summary["train_time_s"] = round(sum(seconds), 1)
