@@ -87,15 +87,20 @@ def main() -> None:
                         s.bind(("127.0.0.1", 0))
                         ports.append(s.getsockname()[1])
                 threads = str(max(1, (os.cpu_count() or 2) // 2))
+                out.mkdir()
+                logs = [open(out / f"worker{i}.log", "w") for i in range(2)]
                 workers = [subprocess.Popen(
                     [sys.executable, *_stage(root / f"{strategy}.yaml", root / "records", args.prepared,
                                              out / f"w{i}")],
                     env={**env, "TF_NUM_INTRAOP_THREADS": threads, "TF_CONFIG": json.dumps(
                         {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
                          "task": {"type": "worker", "index": i}})},
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
-                if any(worker.wait() for worker in workers):
-                    raise SystemExit("a worker failed")
+                    stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+                failed = [i for i, worker in enumerate(workers) if worker.wait()]
+                for log in logs:
+                    log.close()
+                if failed:
+                    raise SystemExit((out / f"worker{failed[0]}.log").read_text()[-3000:])
                 out = out / "w0"
             results[name] = _images_per_s(out)
             print(f"{name}: {results[name]:.0f} images/s", flush=True)

@@ -130,9 +130,9 @@ def fit(model: keras.Model, train_data, val_data, *, steps_per_epoch: int | None
                       steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=2,
                       shuffle=False)  # the datasets shuffle themselves
         finally:
-            if state.save_to != state.directory:
-                shutil.rmtree(state.save_to)
+            _remove_throwaway(state)
     else:  # it had finished when it was killed: only the best weights to restore
+        _remove_throwaway(state)
         state.set_model(model)
         state.on_train_end()
         if live is not None:
@@ -155,6 +155,11 @@ def fit(model: keras.Model, train_data, val_data, *, steps_per_epoch: int | None
     live.summary["best_val_accuracy"] = round(state.best_score, 4)
     live.make_summary()
     return history
+
+
+def _remove_throwaway(state: EpochState) -> None:
+    if state.save_to != state.directory:  # a worker's own copy, not the chief's checkpoint
+        shutil.rmtree(state.save_to, ignore_errors=True)
 
 
 def _log_epoch_time(live: Live, seconds: float) -> None:
