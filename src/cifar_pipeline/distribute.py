@@ -28,9 +28,9 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; allowed: {', '.join(STRATEGIES)}")
     if name == "multi_worker":  # before anything that starts TensorFlow's runtime
-        cluster = _tf_config_cluster()
-        print(f"train: worker {cluster['task']['index']} of {len(cluster['cluster'].get('worker', []))} "
-              f"({cluster['task']['type']})")
+        config = _tf_config_cluster()
+        processes = sum(len(config["cluster"].get(job, [])) for job in ("chief", "worker"))
+        print(f"train: {config['task']['type']} {config['task']['index']} of {processes} processes")
         return _MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":

@@ -60,16 +60,14 @@ class ShiftBatchNorm(layers.Layer):
     def call(self, x, training=False):
         ones = tf.ones_like(self.moving_mean.value)
         shift = self.shift_scale * self.stored_shift.value
-        if not training:
-            return tf.compat.v1.nn.fused_batch_norm(
-                x, ones, shift, mean=self.moving_mean.value, variance=self.moving_variance.value,
-                epsilon=self.epsilon, is_training=False)[0]
-        # With the moving statistics passed in, the kernel returns them already updated.
+        # In training, with the moving statistics passed in, the kernel normalises with the
+        # batch's and returns the moving ones already updated; in inference it uses them.
         y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
             x, ones, shift, mean=self.moving_mean.value, variance=self.moving_variance.value,
-            epsilon=self.epsilon, is_training=True, exponential_avg_factor=1.0 - self.momentum)[:3]
-        self.moving_mean.assign(mean)
-        self.moving_variance.assign(variance)
+            epsilon=self.epsilon, is_training=bool(training), exponential_avg_factor=1.0 - self.momentum)[:3]
+        if training:
+            self.moving_mean.assign(mean)
+            self.moving_variance.assign(variance)
         return y
 
     def get_config(self):
