@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ for arch, strategy, epochs in json.loads(sys.argv[3]):
         records_dir=data / "records", prepared_dir=data / "prepared", model_path=out / f"{name}.keras",
         live_dir=out / name, checkpoint_dir=None, arch=arch, epochs=epochs, batch_size=32, optimizer="sgd",
         lr=0.002, momentum=0.9, weight_decay=0.0, label_smoothing=0.0, schedule="cosine", warmup_epochs=0,
-        patience=5, online_flip=False, online_shift_px=0, online_cutout_px=0, precision="float32",
+        patience=5, online_flip="none", online_shift_px=0, online_cutout_px=0, precision="float32",
         strategy=strategy, seed=0)
 print("RUNS " + json.dumps(runs))
 """
@@ -82,15 +83,17 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def test_two_worker_cluster_trains_one_model_written_by_the_chief_alone(training_data, tmp_path):
+def _start_cluster(tmp_path: Path, training_data: Path, epochs: int) -> list[subprocess.Popen]:
+    """Both workers of a 2-process cluster running the train stage, each in its own tmp_path/worker<i>."""
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    params["train"].update(epochs=2, batch_size=32, warmup_epochs=0, precision="float32", strategy="multi_worker")
+    params["train"].update(epochs=epochs, batch_size=32, warmup_epochs=0, precision="float32",
+                           strategy="multi_worker")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
     workers = []
     for index in range(2):
         cwd = tmp_path / f"worker{index}"
-        cwd.mkdir()
+        cwd.mkdir(exist_ok=True)
         config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         workers.append(subprocess.Popen(
             [sys.executable, str(PROJECT / "stages" / "train.py"), "--params", str(tmp_path / "params.yaml"),
@@ -99,6 +102,11 @@ def test_two_worker_cluster_trains_one_model_written_by_the_chief_alone(training
              "--checkpoint-dir", "checkpoint"],
             cwd=cwd, env={**_env(), "TF_CONFIG": config}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True))
+    return workers
+
+
+def test_two_worker_cluster_trains_one_model_written_by_the_chief_alone(training_data, tmp_path):
+    workers = _start_cluster(tmp_path, training_data, epochs=2)
     outputs = [worker.communicate(timeout=600)[0] for worker in workers]
     for worker, output in zip(workers, outputs):
         assert worker.returncode == 0, output
@@ -110,6 +118,28 @@ def test_two_worker_cluster_trains_one_model_written_by_the_chief_alone(training
     assert summary["step"] == 1 and np.isfinite(summary["train"]["loss"])
     model = saved_models.load_model(chief / "scratch.keras")
     assert model.predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0).shape == (2, 10)
+
+
+def test_a_cluster_whose_workers_would_resume_from_different_epochs_stops(training_data, tmp_path):
+    # Killed after its first epoch, the chief has a checkpoint; worker 1 saves its own to a temporary
+    # directory, so here (no shared storage) it would start from epoch 0 while the chief resumes.
+    workers = _start_cluster(tmp_path, training_data, epochs=50)
+    state = tmp_path / "worker0" / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 300
+    while not state.exists() and time.monotonic() < deadline and workers[0].poll() is None:
+        time.sleep(0.5)
+    for worker in workers:
+        worker.kill()
+        worker.communicate()
+    assert state.exists(), "the chief saved no checkpoint"
+    workers = _start_cluster(tmp_path, training_data, epochs=50)
+    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    for worker, output in zip(workers, outputs):
+        assert worker.returncode == 1, output
+        assert "others elsewhere: on a cluster, checkpoint must be storage that every worker shares" in output
+        assert "Traceback" not in output
+    assert "resuming after epoch" in outputs[0]
+    assert not (tmp_path / "worker0" / "scratch.keras").exists()
 
 
 def test_multi_worker_needs_a_tf_config_naming_this_task(monkeypatch):

@@ -54,7 +54,7 @@ def test_same_seed_same_bytes_other_seed_other_bytes(prepared, tmp_path):
 
 def test_training_batches_are_endless_one_hot_uint8(prepared, tmp_path):
     _build(prepared, tmp_path / "rec", copies=0)
-    data = records.training_dataset(tmp_path / "rec", 64, 10, seed=0, online_flip=True, online_shift_px=2)
+    data = records.training_dataset(tmp_path / "rec", 64, 10, seed=0, online_flip="random", online_shift_px=2)
     batches = list(data.take(10))  # 270 records, 4 batches an epoch: must keep going
     images, labels = batches[-1]
     assert images.dtype == tf.uint8 and images.shape == (64, 32, 32, 3)
@@ -63,7 +63,8 @@ def test_training_batches_are_endless_one_hot_uint8(prepared, tmp_path):
 
 def test_each_epoch_holds_every_record_once_and_can_be_started_alone(prepared, tmp_path):
     _build(prepared, tmp_path / "rec", copies=0)
-    args = dict(batch_size=64, num_classes=10, seed=3, online_flip=True, online_shift_px=2, online_cutout_px=4)
+    args = dict(batch_size=64, num_classes=10, seed=3, online_flip="alternating", online_shift_px=2,
+                online_cutout_px=4)
     steps = 270 // 64
     from_start = [(x.numpy(), y.numpy()) for x, y in
                   records.training_dataset(tmp_path / "rec", **args).take(3 * steps)]
@@ -74,7 +75,7 @@ def test_each_epoch_holds_every_record_once_and_can_be_started_alone(prepared, t
         np.testing.assert_array_equal(x, x_resumed)
         np.testing.assert_array_equal(y, y_resumed)
     # Un-augmented, an epoch is 4 full batches of distinct records; the next epoch is another order.
-    plain = dict(args, online_flip=False, online_shift_px=0, online_cutout_px=0)
+    plain = dict(args, online_flip="none", online_shift_px=0, online_cutout_px=0)
     epochs = [np.concatenate([x.numpy() for x, _ in records.training_dataset(
         tmp_path / "rec", start_epoch=epoch, **plain).take(steps)]) for epoch in (0, 1)]
     train = load_split(prepared, "train").images
@@ -82,6 +83,28 @@ def test_each_epoch_holds_every_record_once_and_can_be_started_alone(prepared, t
         assert len({image.tobytes() for image in images}) == steps * 64
         assert {image.tobytes() for image in images} <= {image.tobytes() for image in train}
     assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_alternating_flip_shows_each_image_both_ways_in_any_two_consecutive_epochs(prepared, tmp_path):
+    _build(prepared, tmp_path / "rec", copies=0)
+    plain = dict(batch_size=90, num_classes=10, seed=1, online_shift_px=0)  # 270 records: 3 batches an epoch
+    original = {image.tobytes() for image in load_split(prepared, "train").images}
+
+    def mirrored_per_epoch(flip):
+        data = records.training_dataset(tmp_path / "rec", online_flip=flip, **plain)
+        epochs = np.concatenate([x.numpy() for x, _ in data.take(4 * 3)]).reshape(4, 270, 32, 32, 3)
+        # Each record as its unflipped bytes, with whether this epoch showed it mirrored.
+        return [{(image if image.tobytes() in original else image[:, ::-1]).tobytes(): image.tobytes() not in original
+                 for image in epoch} for epoch in epochs]
+
+    views = mirrored_per_epoch("alternating")
+    assert all(len(epoch) == 270 for epoch in views)
+    assert 90 < sum(views[0].values()) < 180  # a random half starts mirrored
+    for before, after in zip(views, views[1:]):
+        assert all(after[image] != mirrored for image, mirrored in before.items())
+    # Random flips repeat the previous epoch's view for about half the images.
+    views = mirrored_per_epoch("random")
+    assert 90 < sum(views[1][image] == mirrored for image, mirrored in views[0].items()) < 180
 
 
 def test_online_flip_and_shift():
@@ -120,7 +143,7 @@ def test_online_cutout_paints_one_clipped_square_with_the_fill():
 
 def test_workers_read_disjoint_shard_files_that_together_hold_every_record(prepared, tmp_path):
     _build(prepared, tmp_path / "rec", copies=0)  # 270 records in 3 shards of 90
-    plain = dict(batch_size=10, num_classes=10, seed=0, online_flip=False, online_shift_px=0)
+    plain = dict(batch_size=10, num_classes=10, seed=0, online_flip="none", online_shift_px=0)
     assert records.shard_sizes(tmp_path / "rec", "train") == [90, 90, 90]
     seen = []
     for worker, files in ((0, 2), (1, 1)):  # worker 0 reads shards 0 and 2, worker 1 shard 1

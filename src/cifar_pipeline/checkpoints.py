@@ -37,8 +37,10 @@ class EpochState(keras.callbacks.Callback):
     `patience` epochs without a better `monitor` (None: never), and, given a `directory`, saves
     all of it at each epoch's end, to `save_to` if given (a cluster's workers other than the
     chief resume from the chief's checkpoint but must save too, elsewhere: saving runs
-    collective ops). Call `restore` before `fit`: it returns the epoch to start from
-    (0 when there is nothing to resume)."""
+    collective ops). Before `fit`, `find` returns the epoch to start from (0 when there is
+    nothing to resume), and `restore` loads that state into the model: apart, so that a
+    cluster can check that its workers agree on the epoch before restoring (which runs
+    collective ops on the chief alone when they do not)."""
 
     def __init__(self, directory: Path | None, fingerprint: str, monitor: str, patience: int | None,
                  save_to: Path | None = None):
@@ -49,11 +51,16 @@ class EpochState(keras.callbacks.Callback):
         self.epochs: list[dict] = []  # per epoch: Keras' logs plus "seconds"
         self.best_epoch, self.best_score, self._best_weights = -1, -math.inf, None
         self._best_file: str | None = None
+        self._found: dict | None = None
 
-    def restore(self, model: keras.Model) -> int:
-        state = self._read_state()
+    def find(self) -> int:
+        self._found = self._read_state()
+        return len(self._found["epochs"]) if self._found else 0
+
+    def restore(self, model: keras.Model) -> None:
+        state = self._found
         if state is None:
-            return 0
+            return
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
         model.load_weights(self.directory / state["best_weights"])
@@ -62,7 +69,6 @@ class EpochState(keras.callbacks.Callback):
         self.epochs = state["epochs"]
         self.best_epoch, self.best_score = state["best_epoch"], state["best_score"]
         self._best_file = state["best_weights"]
-        return len(self.epochs)
 
     def _read_state(self) -> dict | None:
         if self.directory is None or not (self.directory / STATE_FILE).exists():

@@ -130,7 +130,7 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "schedule": _choice("cosine", "plateau"),
         "warmup_epochs": _float(0, 100),
         "patience": _int(1, 1000),
-        "online_flip": Spec("bool"),
+        "online_flip": _choice("none", "random", "alternating"),  # records.FLIP_MODES
         "online_shift_px": _int(0, 8),
         "online_cutout_px": _int(0, 32),
         "precision": _choice(*PRECISIONS),

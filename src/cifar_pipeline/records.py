@@ -73,8 +73,7 @@ def random_flip_shift(images, seed, flip: bool, shift_px: int, cutout_px: int = 
     batch = tf.shape(images)[0]
     height, width = IMAGE_SHAPE[:2]
     if flip:
-        coin = tf.random.stateless_uniform([batch], seed=seed) < 0.5
-        images = tf.where(coin[:, None, None, None], tf.reverse(images, axis=[2]), images)
+        images = _flip_where(tf.random.stateless_uniform([batch], seed=seed) < 0.5, images)
     if shift_px:
         padded = tf.pad(images, [[0, 0], [shift_px, shift_px], [shift_px, shift_px], [0, 0]], mode="REFLECT")
         offsets = tf.random.stateless_uniform([batch, 2], seed=seed + 1, maxval=2 * shift_px + 1, dtype=tf.int32)
@@ -91,6 +90,11 @@ def random_flip_shift(images, seed, flip: bool, shift_px: int, cutout_px: int = 
         hole = in_rows[:, :, None, None] & in_cols[:, None, :, None]
         images = tf.where(hole, tf.constant(np.round(fill), images.dtype), images)
     return images
+
+
+def _flip_where(mask, images):
+    """Mirror left-right the images whose entry in the boolean `mask` is true."""
+    return tf.where(mask[:, None, None, None], tf.reverse(images, axis=[2]), images)
 
 
 def _all_records(paths: list[str], most: int) -> tf.Tensor:
@@ -115,12 +119,21 @@ def shard_sizes(directory: Path, split: str) -> list[int]:
     return [count // shards + (i < count % shards) for i in range(shards)]
 
 
+FLIP_MODES = ("none", "random", "alternating")
+
+
 def training_dataset(directory: Path, batch_size: int, num_classes: int, seed: int,
-                     online_flip: bool, online_shift_px: int, online_cutout_px: int = 0,
+                     online_flip: str, online_shift_px: int, online_cutout_px: int = 0,
                      cutout_fill=(0, 0, 0), start_epoch: int = 0, worker: int = 0, workers: int = 1,
                      batches_per_epoch: int | None = None) -> tf.data.Dataset:
     """Endless batches of (uint8 images, one-hot labels), epoch after epoch from `start_epoch`,
     `batches_per_epoch` of them an epoch (default: as many as the records fill; the rest sit out).
+
+    `online_flip` (FLIP_MODES): "random" flips each image with probability 1/2, afresh
+    every epoch; "alternating" flips a random half of the records in epoch 0, then
+    switches every record's orientation each epoch, so any two consecutive epochs show
+    each image both ways (airbench's alternating flip: random flips repeat the previous
+    epoch's view half the time, which wastes epochs).
 
     Epoch e is a function of (seed, e) alone: its order is a stateless shuffle and
     each batch's augmentation is seeded by its number. Training resumed at epoch e
@@ -135,6 +148,10 @@ def training_dataset(directory: Path, batch_size: int, num_classes: int, seed: i
     if steps * batch_size > count:
         raise ValueError(f"{steps} batches of {batch_size} need {steps * batch_size} records; "
                          f"worker {worker} has {count}")
+    if online_flip not in FLIP_MODES:
+        raise ValueError(f"unknown flip mode {online_flip!r}; allowed: {', '.join(FLIP_MODES)}")
+    # (seed, -2**62): apart from the shuffle's and the augmentation's seeds.
+    flipped_first = tf.random.stateless_uniform([count], seed=tf.constant([seed, -2**62], tf.int64)) < 0.5
 
     def epoch_batches(epoch):
         # (seed, -1 - epoch): apart from the augmentation's (seed, step) seeds.
@@ -146,9 +163,12 @@ def training_dataset(directory: Path, batch_size: int, num_classes: int, seed: i
 
     def load(step, indices):
         images, labels = _parse_batch(tf.gather(serialized, indices), num_classes)
+        if online_flip == "alternating":
+            odd_epoch = (step // steps) % 2 == 1
+            images = _flip_where(tf.gather(flipped_first, indices) != odd_epoch, images)
         # Other workers' batches of the same number get other augmentations.
         step_seed = tf.stack([tf.constant(seed, tf.int64), step * workers + worker])
-        return random_flip_shift(images, step_seed, online_flip, online_shift_px,
+        return random_flip_shift(images, step_seed, online_flip == "random", online_shift_px,
                                  online_cutout_px, cutout_fill), labels
 
     return (tf.data.Dataset.range(start_epoch, 2**62)

@@ -21,7 +21,7 @@ WHITENING_SAMPLE = 5000
 def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, live_dir: Path,
                   checkpoint_dir: Path | None, arch: str, epochs: int, batch_size: int, optimizer: str,
                   lr: float, momentum: float, weight_decay: float, label_smoothing: float, schedule: str,
-                  warmup_epochs: float, patience: int, online_flip: bool, online_shift_px: int,
+                  warmup_epochs: float, patience: int, online_flip: str, online_shift_px: int,
                   online_cutout_px: int, precision: str, strategy: str, seed: int) -> dict | None:
     """Train `arch` and save the weights of its best validation epoch; return the Keras history
     (None on a cluster's workers other than the chief, which write nothing).
@@ -62,7 +62,8 @@ def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, li
     chief = is_chief(distribution)
     with distribution.scope():
         model = build_model(arch, num_classes, meta["mean"], meta["std"], sample_images=sample)
-        settings = checkpoints.fingerprint(arguments, policy, model.to_json(), meta, records_info)
+        # The device and worker counts too: they decide each replica's batch and each worker's shards.
+        settings = checkpoints.fingerprint(arguments, policy, model.to_json(), meta, records_info, replicas, workers)
         history = fit(
             model, training_batches,
             _replicated(records.eval_dataset(records_dir, "val", max(batch_size, 256), num_classes)),

@@ -105,10 +105,11 @@ def fit(model: keras.Model, train_data, val_data, *, steps_per_epoch: int | None
     state = EpochState(checkpoint_dir, fingerprint, monitor="val_accuracy",
                        patience=patience if schedule == "plateau" else None,
                        save_to=None if chief or checkpoint_dir is None else tempfile.mkdtemp(prefix="checkpoint-"))
-    start_epoch = state.restore(model)
+    start_epoch = state.find()
     if not same_on_every_worker(start_epoch):
         raise PipelineError(f"this worker would resume after epoch {start_epoch}, others elsewhere: on a cluster, "
                             f"{checkpoint_dir} must be storage that every worker shares (or absent on all)")
+    state.restore(model)
     callbacks = [keras.callbacks.TerminateOnNaN(), state]
     live = None
     if chief:
