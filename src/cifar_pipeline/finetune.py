@@ -62,7 +62,8 @@ def image_dataset(images: np.ndarray, labels: np.ndarray, num_classes: int, batc
 
 def fine_tune(model: keras.Model, *, train_images: np.ndarray, train_labels: np.ndarray, val_images: np.ndarray,
               val_labels: np.ndarray, num_classes: int, layers_to_tune: int, epochs: int, lr: float,
-              weight_decay: float, batch_size: int, patience: int, seed: int, live_dir: Path) -> dict:
+              weight_decay: float, batch_size: int, patience: int, seed: int, live_dir: Path,
+              label_smoothing: float = 0.0) -> dict:
     """Train the top `layers_to_tune` backbone layers and the head of the end-to-end `model`
     in place, continuing the head's DVCLive log; return the fine-tuning epochs' history."""
     tuned = unfreeze_top(model, layers_to_tune)
@@ -71,5 +72,5 @@ def fine_tune(model: keras.Model, *, train_images: np.ndarray, train_labels: np.
                image_dataset(train_images, train_labels, num_classes, batch_size, shuffle_seed=seed),
                image_dataset(val_images, val_labels, num_classes, batch_size, shuffle_seed=None),
                steps_per_epoch=None, epochs=epochs, optimizer=make_optimizer("adamw", lr, 0.0, weight_decay),
-               label_smoothing=0.0, schedule="plateau", patience=patience, live_dir=live_dir,
+               label_smoothing=label_smoothing, schedule="plateau", patience=patience, live_dir=live_dir,
                images_per_epoch=len(train_labels), continue_log=True)

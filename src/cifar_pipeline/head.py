@@ -102,7 +102,8 @@ def fit_forest(train_x, train_y, val_x, val_y, num_classes: int, trees: int, min
 def train_head(*, features_dir: Path, prepared_dir: Path, extractor_path: Path, model_path: Path,
                live_dir: Path, kind: str, units: int, dropout: float, lr: float, weight_decay: float,
                epochs: int, batch_size: int, patience: int, trees: int, min_samples_leaf: int, seed: int,
-               fine_tune_layers: int = 0, fine_tune_epochs: int = 0, fine_tune_lr: float = 0.0) -> dict:
+               label_smoothing: float = 0.0, fine_tune_layers: int = 0, fine_tune_epochs: int = 0,
+               fine_tune_lr: float = 0.0) -> dict:
     """Fit the head on train features (Keras heads early-stopped on val), then optionally fine-tune
     the top `fine_tune_layers` backbone layers with it on images; save extractor + head as one model."""
     if fine_tune_layers and kind == "random_forest":
@@ -120,7 +121,7 @@ def train_head(*, features_dir: Path, prepared_dir: Path, extractor_path: Path, 
                                    live_dir)
     else:
         head, history = fit_keras_head(kind, train_x, train_y, val_x, val_y, num_classes, units, dropout, lr,
-                                       weight_decay, epochs, batch_size, patience, seed, live_dir)
+                                       weight_decay, epochs, batch_size, patience, seed, live_dir, label_smoothing)
     inputs = keras.Input((32, 32, 3), dtype="uint8", name="image")
     model = keras.Model(inputs, head(extractor(inputs)), name="transfer")
     if fine_tune_layers:
@@ -128,7 +129,8 @@ def train_head(*, features_dir: Path, prepared_dir: Path, extractor_path: Path, 
         tuned = fine_tune(model, train_images=train.images, train_labels=train.labels, val_images=val.images,
                           val_labels=val.labels, num_classes=num_classes, layers_to_tune=fine_tune_layers,
                           epochs=fine_tune_epochs, lr=fine_tune_lr, weight_decay=weight_decay,
-                          batch_size=batch_size, patience=patience, seed=seed, live_dir=live_dir)
+                          batch_size=batch_size, patience=patience, seed=seed, live_dir=live_dir,
+                          label_smoothing=label_smoothing)
         history = {key: history[key] + tuned[key] for key in HISTORY_KEYS}
     with atomic.atomic_path(model_path) as tmp:
         model.save(tmp)
@@ -136,7 +138,7 @@ def train_head(*, features_dir: Path, prepared_dir: Path, extractor_path: Path, 
 
 
 def fit_keras_head(kind, train_x, train_y, val_x, val_y, num_classes, units, dropout, lr, weight_decay, epochs,
-                   batch_size, patience, seed, live_dir) -> tuple[keras.Model, dict]:
+                   batch_size, patience, seed, live_dir, label_smoothing=0.0) -> tuple[keras.Model, dict]:
     """A dense or logistic head fitted on the features with AdamW, early-stopped on val."""
     head = build_head(kind, train_x.mean(axis=0), train_x.var(axis=0), num_classes, units, dropout)
     history = fit(
@@ -144,6 +146,6 @@ def fit_keras_head(kind, train_x, train_y, val_x, val_y, num_classes, units, dro
         _feature_dataset(train_x, train_y, num_classes, batch_size, shuffle_seed=seed),
         _feature_dataset(val_x, val_y, num_classes, batch_size, shuffle_seed=None),
         steps_per_epoch=None, epochs=epochs, optimizer=make_optimizer("adamw", lr, 0.0, weight_decay),
-        label_smoothing=0.0, schedule="plateau", patience=patience,
+        label_smoothing=label_smoothing, schedule="plateau", patience=patience,
         live_dir=live_dir, images_per_epoch=len(train_y))
     return head, history

@@ -153,6 +153,7 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "kind": _choice("dense", "logistic", "random_forest"),
         "units": _int(1, 8192),
         "dropout": _float(0, 0.9),
+        "label_smoothing": _float(0, 0.5),
         "lr": _float(0, 10, low_open=True),
         "weight_decay": _float(0, 1),
         "epochs": _int(1, 10000),
