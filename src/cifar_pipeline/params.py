@@ -24,6 +24,7 @@ BACKBONES = (
 )
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "mirrored", "multi_worker")  # distribute.make_strategy
+FLIP_MODES = ("none", "random", "alternating")  # records.training_dataset
 TTA_MODES = ("none", "flip", "flip_shift")
 
 
@@ -130,7 +131,7 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "schedule": _choice("cosine", "plateau"),
         "warmup_epochs": _float(0, 100),
         "patience": _int(1, 1000),
-        "online_flip": _choice("none", "random", "alternating"),  # records.FLIP_MODES
+        "online_flip": _choice(*FLIP_MODES),
         "online_shift_px": _int(0, 8),
         "online_cutout_px": _int(0, 32),
         "precision": _choice(*PRECISIONS),

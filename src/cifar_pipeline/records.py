@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.params import FLIP_MODES
 
 IMAGE_SHAPE = (32, 32, 3)
 _FEATURES = {
@@ -119,9 +120,6 @@ def shard_sizes(directory: Path, split: str) -> list[int]:
     return [count // shards + (i < count % shards) for i in range(shards)]
 
 
-FLIP_MODES = ("none", "random", "alternating")
-
-
 def training_dataset(directory: Path, batch_size: int, num_classes: int, seed: int,
                      online_flip: str, online_shift_px: int, online_cutout_px: int = 0,
                      cutout_fill=(0, 0, 0), start_epoch: int = 0, worker: int = 0, workers: int = 1,
@@ -141,6 +139,8 @@ def training_dataset(directory: Path, batch_size: int, num_classes: int, seed: i
     input pipelines (one per machine), this one, `worker`, reads only its share of
     the shard files (worker_shards).
     """
+    if online_flip not in FLIP_MODES:
+        raise ValueError(f"unknown flip mode {online_flip!r}; allowed: {', '.join(FLIP_MODES)}")
     paths = worker_shards(shard_paths(directory, "train"), worker, workers)
     serialized = _all_records(paths, read_info(directory)["sizes"]["train"])
     count = int(serialized.shape[0])
@@ -148,10 +148,9 @@ def training_dataset(directory: Path, batch_size: int, num_classes: int, seed: i
     if steps * batch_size > count:
         raise ValueError(f"{steps} batches of {batch_size} need {steps * batch_size} records; "
                          f"worker {worker} has {count}")
-    if online_flip not in FLIP_MODES:
-        raise ValueError(f"unknown flip mode {online_flip!r}; allowed: {', '.join(FLIP_MODES)}")
-    # (seed, -2**62): apart from the shuffle's and the augmentation's seeds.
-    flipped_first = tf.random.stateless_uniform([count], seed=tf.constant([seed, -2**62], tf.int64)) < 0.5
+    if online_flip == "alternating":
+        # (seed, -2**62): apart from the shuffle's and the augmentation's seeds.
+        flipped_first = tf.random.stateless_uniform([count], seed=tf.constant([seed, -2**62], tf.int64)) < 0.5
 
     def epoch_batches(epoch):
         # (seed, -1 - epoch): apart from the augmentation's (seed, step) seeds.
