@@ -86,3 +86,24 @@ def test_mid_level_features_append_the_last_stages_pooled(tmp_path):
     assert keras.models.load_model(tmp_path / "e.keras").output_shape == (None, 2400)
     with pytest.raises(PipelineError, match="mid_level_features is not available for mobilenet_v2"):
         build_feature_extractor("mobilenet_v2", 64, "none", mid_level=True)
+
+
+def test_mirrored_train_features_are_the_mirror_images_features_and_only_on_request(training_data, tmp_path):
+    from cifar_pipeline.features import MIRRORED_TRAIN, extract, extract_features
+    from cifar_pipeline.prepare import load_split
+
+    settings = dict(prepared_dir=training_data / "prepared", extractor_path=tmp_path / "extractor.keras",
+                    backbone="mobilenet_v2", image_size=32, weights="none", mid_level_features=False, batch_size=16)
+    keras.utils.set_random_seed(0)
+    extract_features(features_dir=tmp_path / "plain", mirrored_train=False, **settings)
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["meta.json", "test.npy", "train.npy", "val.npy"]
+    keras.utils.set_random_seed(0)
+    extract_features(features_dir=tmp_path / "features", mirrored_train=True, **settings)
+    train = np.load(tmp_path / "features" / "train.npy")
+    mirrored = np.load(tmp_path / "features" / f"{MIRRORED_TRAIN}.npy")
+    np.testing.assert_array_equal(train, np.load(tmp_path / "plain" / "train.npy"))
+    images = load_split(training_data / "prepared", "train").images
+    extractor = keras.models.load_model(tmp_path / "extractor.keras")
+    scale = np.abs(train).max()  # random-init features are tiny: tolerances relative to them
+    np.testing.assert_allclose(mirrored, extract(extractor, images[:, :, ::-1].copy(), 16), atol=1e-4 * scale)
+    assert np.abs(mirrored - train).max() > 0.1 * scale

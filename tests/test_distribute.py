@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -84,7 +85,8 @@ def _free_ports(count: int) -> list[int]:
 
 
 def _start_cluster(tmp_path: Path, training_data: Path, epochs: int) -> list[subprocess.Popen]:
-    """Both workers of a 2-process cluster running the train stage, each in its own tmp_path/worker<i>."""
+    """Both workers of a 2-process cluster running the train stage, each in its own tmp_path/worker<i>
+    with its own temporary directory tmp_path/tmp<i>."""
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     params["train"].update(epochs=epochs, batch_size=32, warmup_epochs=0, precision="float32",
                            strategy="multi_worker")
@@ -94,14 +96,15 @@ def _start_cluster(tmp_path: Path, training_data: Path, epochs: int) -> list[sub
     for index in range(2):
         cwd = tmp_path / f"worker{index}"
         cwd.mkdir(exist_ok=True)
+        (tmp_path / f"tmp{index}").mkdir(exist_ok=True)
         config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         workers.append(subprocess.Popen(
             [sys.executable, str(PROJECT / "stages" / "train.py"), "--params", str(tmp_path / "params.yaml"),
              "--records", str(training_data / "records"), "--prepared", str(training_data / "prepared"),
              "--model", "scratch.keras", "--live-dir", "live", "--curves-png", "curves.png",
              "--checkpoint-dir", "checkpoint"],
-            cwd=cwd, env={**_env(), "TF_CONFIG": config}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True))
+            cwd=cwd, env={**_env(), "TF_CONFIG": config, "TMPDIR": str(tmp_path / f"tmp{index}")},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return workers
 
 
@@ -114,6 +117,7 @@ def test_two_worker_cluster_trains_one_model_written_by_the_chief_alone(training
     chief, other = tmp_path / "worker0", tmp_path / "worker1"
     assert sorted(p.name for p in chief.iterdir()) == ["curves.png", "live", "scratch.keras"]
     assert list(other.iterdir()) == []
+    assert not list((tmp_path / "tmp1").glob("checkpoint-*")), "worker 1 left its own checkpoint behind"
     summary = json.loads((chief / "live" / "metrics.json").read_text())
     assert summary["step"] == 1 and np.isfinite(summary["train"]["loss"])
     model = saved_models.load_model(chief / "scratch.keras")
@@ -132,6 +136,7 @@ def test_a_cluster_whose_workers_would_resume_from_different_epochs_stops(traini
         worker.kill()
         worker.communicate()
     assert state.exists(), "the chief saved no checkpoint"
+    shutil.rmtree(tmp_path / "tmp1")  # the killed worker's checkpoint there: it could not clean up
     workers = _start_cluster(tmp_path, training_data, epochs=50)
     outputs = [worker.communicate(timeout=600)[0] for worker in workers]
     for worker, output in zip(workers, outputs):
@@ -140,6 +145,7 @@ def test_a_cluster_whose_workers_would_resume_from_different_epochs_stops(traini
         assert "Traceback" not in output
     assert "resuming after epoch" in outputs[0]
     assert not (tmp_path / "worker0" / "scratch.keras").exists()
+    assert not list((tmp_path / "tmp1").glob("checkpoint-*")), "the stopped worker left its checkpoint behind"
 
 
 def test_multi_worker_needs_a_tf_config_naming_this_task(monkeypatch):

@@ -46,6 +46,20 @@ def test_head_learns_logs_with_dvclive_and_saves_an_end_to_end_model(head_inputs
     assert model.input_shape == (None, 32, 32, 3) and model.output_shape == (None, 10)
 
 
+def test_head_trains_on_the_mirrored_training_features_too(head_inputs, tmp_path):
+    # Here only the "mirrored" copies carry the classes: a head that ignored them would guess.
+    features = head_inputs / "features"
+    original = np.load(features / "train.npy")
+    try:
+        np.save(features / "train_mirrored.npy", original)
+        np.save(features / "train.npy", np.random.default_rng(1).normal(0, 1, original.shape).astype("float32"))
+        history = _train(head_inputs, tmp_path)
+    finally:
+        np.save(features / "train.npy", original)
+        (features / "train_mirrored.npy").unlink()
+    assert max(history["val_accuracy"]) > 0.9
+
+
 def test_nan_loss_stops_training_and_saves_no_model(head_inputs, tmp_path):
     bad = head_inputs / "features" / "train.npy"
     original = np.load(bad)

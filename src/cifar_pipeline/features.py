@@ -17,32 +17,41 @@ from cifar_pipeline.backbones import build_feature_extractor
 from cifar_pipeline.prepare import SPLITS, load_split
 
 
-def extract(extractor, images: np.ndarray, batch_size: int) -> np.ndarray:
-    data = tf.data.Dataset.from_tensor_slices(images).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    return extractor.predict(data, verbose=2).astype(np.float32)
+# The features of the training images' mirror images, when transfer.mirrored_train asks for them.
+MIRRORED_TRAIN = "train_mirrored"
+
+
+def extract(extractor, images: np.ndarray, batch_size: int, mirrored: bool = False) -> np.ndarray:
+    data = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
+    if mirrored:
+        data = data.map(lambda batch: tf.reverse(batch, axis=[2]))  # left-right, batch by batch
+    return extractor.predict(data.prefetch(tf.data.AUTOTUNE), verbose=2).astype(np.float32)
 
 
 def extract_features(*, prepared_dir: Path, features_dir: Path, extractor_path: Path,
                      backbone: str, image_size: int, weights: str, mid_level_features: bool,
-                     batch_size: int) -> dict:
-    """Write `{split}.npy` features and the extractor model; return throughput per split.
+                     mirrored_train: bool, batch_size: int) -> dict:
+    """Write `{split}.npy` features (and `train_mirrored.npy` with `mirrored_train`) and the
+    extractor model; return throughput per array.
 
     Timings are printed and returned, never written into the features directory:
     equal features must be equal bytes, or DVC would re-run everything downstream.
     """
     extractor = build_feature_extractor(backbone, image_size, weights, mid_level_features)
+    jobs = [(split, split, False) for split in SPLITS] + ([(MIRRORED_TRAIN, "train", True)] if mirrored_train else [])
     arrays, stats = {}, {}
-    for split in SPLITS:
+    for name, split, mirrored in jobs:
         images = load_split(prepared_dir, split, mmap=True).images
         start = time.perf_counter()
-        arrays[split] = extract(extractor, images, batch_size)
+        arrays[name] = extract(extractor, images, batch_size, mirrored)
         seconds = time.perf_counter() - start
-        stats[split] = {"images": len(images), "seconds": round(seconds, 1),
-                        "images_per_s": round(len(images) / seconds, 1)}
-        print(f"features: {split}: {len(images)} images in {seconds:.1f}s "
-              f"({len(images) / seconds:.0f} images/s), shape {arrays[split].shape}")
+        stats[name] = {"images": len(images), "seconds": round(seconds, 1),
+                       "images_per_s": round(len(images) / seconds, 1)}
+        print(f"features: {name}: {len(images)} images in {seconds:.1f}s "
+              f"({len(images) / seconds:.0f} images/s), shape {arrays[name].shape}")
     atomic.save_arrays(features_dir, arrays, {"backbone": backbone, "image_size": image_size, "weights": weights,
-                                                  "mid_level_features": mid_level_features})
+                                              "mid_level_features": mid_level_features,
+                                              "mirrored_train": mirrored_train})
     with atomic.atomic_path(extractor_path) as tmp:
         extractor.save(tmp)
     return stats

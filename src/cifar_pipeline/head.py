@@ -20,6 +20,7 @@ from sklearn.metrics import log_loss
 
 from cifar_pipeline import atomic
 from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.features import MIRRORED_TRAIN
 from cifar_pipeline.finetune import fine_tune
 from cifar_pipeline.forest import forest_layer
 from cifar_pipeline.prepare import load_meta, load_split
@@ -116,6 +117,9 @@ def train_head(*, features_dir: Path, prepared_dir: Path, extractor_path: Path, 
         raise PipelineError(f"{features_dir} holds {train_x.shape[1]}-dim features but {extractor_path} "
                             f"outputs {extractor.output_shape[-1]}; re-run the extract_features stage")
     train_y, val_y = (load_split(prepared_dir, s, mmap=True).labels for s in ("train", "val"))
+    mirrored = Path(features_dir) / f"{MIRRORED_TRAIN}.npy"
+    if mirrored.exists():  # each training image twice, as it is and mirrored: flip augmentation, precomputed
+        train_x, train_y = np.concatenate([train_x, np.load(mirrored)]), np.concatenate([train_y, train_y])
     if kind == "random_forest":
         head, history = fit_forest(train_x, train_y, val_x, val_y, num_classes, trees, min_samples_leaf, seed,
                                    live_dir)

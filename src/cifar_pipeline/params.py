@@ -144,6 +144,7 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "weights": Spec("str"),
         "image_size": _int(32, 600),
         "mid_level_features": Spec("bool"),
+        "mirrored_train": Spec("bool"),
         "batch_size": _int(1, 4096),
         "seed": SEED,
         "fine_tune_layers": _int(0, 10000),

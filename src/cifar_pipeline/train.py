@@ -105,39 +105,39 @@ def fit(model: keras.Model, train_data, val_data, *, steps_per_epoch: int | None
     state = EpochState(checkpoint_dir, fingerprint, monitor="val_accuracy",
                        patience=patience if schedule == "plateau" else None,
                        save_to=None if chief or checkpoint_dir is None else tempfile.mkdtemp(prefix="checkpoint-"))
-    start_epoch = state.find()
-    if not same_on_every_worker(start_epoch):
-        raise PipelineError(f"this worker would resume after epoch {start_epoch}, others elsewhere: on a cluster, "
-                            f"{checkpoint_dir} must be storage that every worker shares (or absent on all)")
-    state.restore(model)
-    callbacks = [keras.callbacks.TerminateOnNaN(), state]
-    live = None
-    if chief:
-        live = Live(str(live_dir), resume=continue_log, report=None, save_dvc_exp=False, dvcyaml=None)
-        logger = DVCLiveCallback(live=live)
-        for epoch, logged in enumerate(state.epochs):  # replay the resumed epochs into the fresh log
-            _log_epoch_time(live, logged["seconds"])
-            logger.on_epoch_end(epoch, {key: value for key, value in logged.items() if key != "seconds"})
-        callbacks += [keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: _log_epoch_time(
-            live, state.epochs[-1]["seconds"])), logger]
-    if schedule == "plateau":
-        # Its patience count restarts after a resume; the learning rate it set is restored.
-        callbacks.insert(1, keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=0.5, patience=max(1, patience // 3), min_lr=1e-6))
-    if start_epoch < epochs and not state.stopped_early():
-        data = train_data(start_epoch) if callable(train_data) else train_data
-        try:
+    # A non-chief worker's own checkpoint directory goes whatever happens, the cross-worker check included.
+    try:
+        start_epoch = state.find()
+        if not same_on_every_worker(start_epoch):
+            raise PipelineError(f"this worker would resume after epoch {start_epoch}, others elsewhere: on a cluster, "
+                                f"{checkpoint_dir} must be storage that every worker shares (or absent on all)")
+        state.restore(model)
+        callbacks = [keras.callbacks.TerminateOnNaN(), state]
+        live = None
+        if chief:
+            live = Live(str(live_dir), resume=continue_log, report=None, save_dvc_exp=False, dvcyaml=None)
+            logger = DVCLiveCallback(live=live)
+            for epoch, logged in enumerate(state.epochs):  # replay the resumed epochs into the fresh log
+                _log_epoch_time(live, logged["seconds"])
+                logger.on_epoch_end(epoch, {key: value for key, value in logged.items() if key != "seconds"})
+            callbacks += [keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: _log_epoch_time(
+                live, state.epochs[-1]["seconds"])), logger]
+        if schedule == "plateau":
+            # Its patience count restarts after a resume; the learning rate it set is restored.
+            callbacks.insert(1, keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", factor=0.5, patience=max(1, patience // 3), min_lr=1e-6))
+        if start_epoch < epochs and not state.stopped_early():
+            data = train_data(start_epoch) if callable(train_data) else train_data
             model.fit(data, validation_data=val_data, initial_epoch=start_epoch, epochs=epochs,
                       steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=2,
                       shuffle=False)  # the datasets shuffle themselves
-        finally:
-            _remove_throwaway(state)
-    else:  # it had finished when it was killed: only the best weights to restore
+        else:  # it had finished when it was killed: only the best weights to restore
+            state.set_model(model)
+            state.on_train_end()
+            if live is not None:
+                live.end()
+    finally:
         _remove_throwaway(state)
-        state.set_model(model)
-        state.on_train_end()
-        if live is not None:
-            live.end()
     history = state.history()
     losses = history.get("loss", []) + history.get("val_loss", [])
     if not losses or not all(math.isfinite(v) for v in losses):
