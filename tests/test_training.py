@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from cifar_pipeline.features import MIRRORED_TRAIN
 from cifar_pipeline.head import build_head, train_head
 from cifar_pipeline.prepare import prepare
 from cifar_pipeline.train import TrainingDiverged
@@ -51,12 +52,12 @@ def test_head_trains_on_the_mirrored_training_features_too(head_inputs, tmp_path
     features = head_inputs / "features"
     original = np.load(features / "train.npy")
     try:
-        np.save(features / "train_mirrored.npy", original)
+        np.save(features / f"{MIRRORED_TRAIN}.npy", original)
         np.save(features / "train.npy", np.random.default_rng(1).normal(0, 1, original.shape).astype("float32"))
         history = _train(head_inputs, tmp_path)
     finally:
         np.save(features / "train.npy", original)
-        (features / "train_mirrored.npy").unlink()
+        (features / f"{MIRRORED_TRAIN}.npy").unlink()
     assert max(history["val_accuracy"]) > 0.9
 
 
