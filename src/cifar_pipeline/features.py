@@ -21,11 +21,9 @@ from cifar_pipeline.prepare import SPLITS, load_split
 MIRRORED_TRAIN = "train_mirrored"
 
 
-def extract(extractor, images: np.ndarray, batch_size: int, mirrored: bool = False) -> np.ndarray:
-    data = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
-    if mirrored:
-        data = data.map(lambda batch: tf.reverse(batch, axis=[2]))  # left-right, batch by batch
-    return extractor.predict(data.prefetch(tf.data.AUTOTUNE), verbose=2).astype(np.float32)
+def extract(extractor, images: np.ndarray, batch_size: int) -> np.ndarray:
+    data = tf.data.Dataset.from_tensor_slices(images).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return extractor.predict(data, verbose=2).astype(np.float32)
 
 
 def extract_features(*, prepared_dir: Path, features_dir: Path, extractor_path: Path,
@@ -42,8 +40,10 @@ def extract_features(*, prepared_dir: Path, features_dir: Path, extractor_path: 
     arrays, stats = {}, {}
     for name, split, mirrored in jobs:
         images = load_split(prepared_dir, split, mmap=True).images
+        if mirrored:  # a left-right view; the dataset copies it (a tf.data map to flip was 20% slower)
+            images = images[:, :, ::-1]
         start = time.perf_counter()
-        arrays[name] = extract(extractor, images, batch_size, mirrored)
+        arrays[name] = extract(extractor, images, batch_size)
         seconds = time.perf_counter() - start
         stats[name] = {"images": len(images), "seconds": round(seconds, 1),
                        "images_per_s": round(len(images) / seconds, 1)}
