@@ -10,6 +10,7 @@ def main() -> None:
     parser.add_argument("--name", required=True, help="the model's name in titles")
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--prepared", type=Path, required=True)
+    parser.add_argument("--features", type=Path, help="cached test features to score a transfer model's head on")
     parser.add_argument("--metrics", type=Path, required=True, help="output metrics JSON")
     parser.add_argument("--per-class", type=Path, required=True, help="output per-class precision/recall/F1 JSON")
     parser.add_argument("--predictions", type=Path, required=True, help="output CSV for the confusion plot")
@@ -28,7 +29,7 @@ def main() -> None:
                        metrics_path=args.metrics, per_class_path=args.per_class, predictions_path=args.predictions,
                        confused_pairs_path=args.confused_pairs,
                        confusion_png=args.confusion_png, misclassified_png=args.misclassified_png,
-                       tta=tta[args.name], **cfg)
+                       tta=tta[args.name], features_dir=args.features, **cfg)
     print(f"evaluate: {args.name}: test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
 
 

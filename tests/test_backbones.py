@@ -96,7 +96,8 @@ def test_mirrored_train_features_are_the_mirror_images_features_and_only_on_requ
                     backbone="mobilenet_v2", image_size=32, weights="none", mid_level_features=False, batch_size=16)
     keras.utils.set_random_seed(0)
     extract_features(features_dir=tmp_path / "plain", mirrored_train=False, **settings)
-    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["meta.json", "test.npy", "train.npy", "val.npy"]
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == [
+        "meta.json", "test.npy", "test_mirrored.npy", "train.npy", "val.npy"]  # the mirrored test: flip TTA
     keras.utils.set_random_seed(0)
     extract_features(features_dir=tmp_path / "features", mirrored_train=True, **settings)
     train = np.load(tmp_path / "features" / "train.npy")

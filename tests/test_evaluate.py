@@ -1,4 +1,5 @@
-"""Scoring: accuracy, loss, per-class report and top-5 on known predictions; confusion reports."""
+"""Scoring: accuracy, loss, per-class report and top-5 on known predictions; confusion reports;
+a transfer model scored on its cached test features."""
 import numpy as np
 import pytest
 
@@ -101,3 +102,46 @@ def test_cifar100_evaluation_reports_top5_and_superclass_pairs(cifar100_archive,
     for row in rows:  # synthetic superclass of fine class i is coarse(i % 20)
         assert row["actual_superclass"] == f"coarse{int(row['actual'][4:]) % 20}"
     assert out["confusion_png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_transfer_head_is_scored_on_the_cached_test_features_unless_the_extractor_changed(
+        training_data, tmp_path, monkeypatch, capsys):
+    import keras
+
+    from cifar_pipeline import evaluate as evaluation
+    from cifar_pipeline.features import extract_features, transfer_model
+    from cifar_pipeline.head import build_head
+
+    keras.utils.set_random_seed(0)
+    extract_features(prepared_dir=training_data / "prepared", features_dir=tmp_path / "features",
+                     extractor_path=tmp_path / "extractor.keras", backbone="mobilenet_v2", image_size=32,
+                     weights="none", mid_level_features=False, mirrored_train=False, batch_size=16)
+    extractor = keras.models.load_model(tmp_path / "extractor.keras")
+    train = np.load(tmp_path / "features" / "train.npy")
+    head = build_head("dense", train.mean(axis=0), train.var(axis=0), 10, units=8, dropout=0.0)
+    transfer_model(extractor, head).save(tmp_path / "transfer.keras")
+
+    def run(model_path, **kwargs):
+        out = {k: tmp_path / v for k, v in dict(
+            metrics_path="m.json", per_class_path="pc.json", predictions_path="p.csv",
+            confused_pairs_path="cp.csv", confusion_png="c.png", misclassified_png="w.png").items()}
+        metrics = evaluation.evaluate(model_path=model_path, prepared_dir=training_data / "prepared", name="t",
+                                      batch_size=64, tta="flip", misclassified=4, confused_pairs=5, **out, **kwargs)
+        return metrics, out["predictions_path"].read_text()
+
+    on_images = run(tmp_path / "transfer.keras")
+    backbone_runs = []
+    real_predict_proba = evaluation.predict_proba
+    monkeypatch.setattr(evaluation, "predict_proba", lambda *a, **k: backbone_runs.append(1) or real_predict_proba(
+        *a, **k))
+    on_features = run(tmp_path / "transfer.keras", features_dir=tmp_path / "features")
+    assert not backbone_runs and "cached test features" in capsys.readouterr().out
+    assert on_features[1] == on_images[1]  # the same prediction for every test image
+    assert on_features[0]["loss"] == pytest.approx(on_images[0]["loss"], rel=1e-4)
+
+    tuned = keras.models.load_model(tmp_path / "transfer.keras")  # as fine-tuning leaves it: another backbone
+    layer = next(layer for layer in tuned.layers[1].layers[-1].layers if layer.get_weights())
+    layer.set_weights([w * 1.5 for w in layer.get_weights()])
+    tuned.save(tmp_path / "tuned.keras")
+    run(tmp_path / "tuned.keras", features_dir=tmp_path / "features")
+    assert backbone_runs == [1] and "not the one whose features" in capsys.readouterr().out

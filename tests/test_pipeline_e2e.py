@@ -97,11 +97,13 @@ def test_repro_then_experiment_then_metrics_and_plots(repo):
     # So does one on the head: the cached features are reused.
     head_experiment = _run(["dvc", "exp", "run", "-S", "head.lr=0.003"], repo)
     assert _stages_run(head_experiment) == {"train_head", "evaluate@transfer"}, head_experiment.stdout
+    assert "scoring the head on the cached test features" in head_experiment.stdout  # no backbone pass
 
     plots = _run(["dvc", "plots", "show", "--json"], repo)
     rendered = json.loads(plots.stdout)["data"]
     assert "plots/scratch_predictions.csv" in rendered
-    assert any("Scratch CNN accuracy per epoch" in key for key in rendered)
+    assert any("dvclive/scratch/plots/metrics/train/accuracy.tsv" in key for key in rendered)
+    assert "failed to load" not in plots.stderr  # no series missing, validated or not (train.fit_on)
     assert "plots/scratch_confusion.png" in rendered
 
     # Re-running the data and feature stages gives byte-identical outputs (same hashes in dvc.lock),

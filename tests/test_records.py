@@ -85,6 +85,23 @@ def test_each_epoch_holds_every_record_once_and_can_be_started_alone(prepared, t
     assert not np.array_equal(epochs[0], epochs[1])
 
 
+def test_fit_on_train_and_val_reads_both_splits_each_image_once_an_epoch(prepared, tmp_path):
+    _build(prepared, tmp_path / "rec", copies=0)
+    splits = records.fit_splits("train+val")
+    count = sum(records.read_info(tmp_path / "rec")["sizes"][split] for split in splits)
+    data = records.training_dataset(tmp_path / "rec", count, 10, seed=0, online_flip="none", online_shift_px=0,
+                                    splits=splits)
+    images, labels = next(iter(data))
+    expected = [load_split(prepared, split) for split in ("train", "val")]
+    assert sorted(image.tobytes() for image in images.numpy()) == sorted(
+        image.tobytes() for split in expected for image in split.images)
+    np.testing.assert_array_equal(np.bincount(labels.numpy().argmax(1), minlength=10),
+                                  np.bincount(np.concatenate([split.labels for split in expected]), minlength=10))
+    assert records.fit_splits("train") == ("train",)
+    with pytest.raises(ValueError, match="train.fit_on"):
+        records.fit_splits("val")
+
+
 def test_alternating_flip_shows_each_image_both_ways_in_any_two_consecutive_epochs(prepared, tmp_path):
     _build(prepared, tmp_path / "rec", copies=0)
     plain = dict(batch_size=90, num_classes=10, seed=1, online_shift_px=0)  # 270 records: 3 batches an epoch

@@ -1,4 +1,5 @@
-"""Training: DVCLive logs, best-epoch selection on validation, and a refusal to save a NaN model."""
+"""Training: DVCLive logs, best-epoch selection on validation (the last epoch without it), and a
+refusal to save a NaN model."""
 import json
 
 import numpy as np
@@ -71,6 +72,32 @@ def test_nan_loss_stops_training_and_saves_no_model(head_inputs, tmp_path):
     finally:
         np.save(bad, original)
     assert not (tmp_path / "transfer.keras").exists() and not (tmp_path / "live" / "metrics.json").exists()
+
+
+def test_with_nothing_to_validate_the_last_epoch_is_kept_and_no_validation_logged(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from cifar_pipeline.train import fit, make_optimizer
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 4)).astype("float32"), np.eye(3)[rng.integers(0, 3, 64)].astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    history = fit(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(16), None, steps_per_epoch=None, epochs=3,
+                  optimizer=make_optimizer("sgd", 0.1, 0.0, 0.0), label_smoothing=0.0, schedule="cosine",
+                  patience=1, live_dir=tmp_path / "live", images_per_epoch=64, checkpoint_dir=tmp_path / "ckpt")
+    assert sorted(history) == ["accuracy", "loss"] and len(history["loss"]) == 3  # patience: plateau only
+    summary = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert summary["best_epoch"] == 3 and "best_val_accuracy" not in summary
+    state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+    last = keras.models.clone_model(model)
+    last.load_weights(tmp_path / "ckpt" / state["weights"])
+    assert state["best_weights"] == state["weights"]
+    for kept, saved in zip(model.get_weights(), last.get_weights()):
+        np.testing.assert_array_equal(kept, saved)
+    with pytest.raises(ValueError, match="plateau schedule needs validation"):
+        fit(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(16), None, steps_per_epoch=None, epochs=1,
+            optimizer=make_optimizer("sgd", 0.1, 0.0, 0.0), label_smoothing=0.0, schedule="plateau", patience=1,
+            live_dir=tmp_path / "live2", images_per_epoch=64)
 
 
 def test_head_standardises_features():

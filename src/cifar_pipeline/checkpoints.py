@@ -33,16 +33,16 @@ def fingerprint(*parts) -> str:
 
 
 class EpochState(keras.callbacks.Callback):
-    """Times each epoch, keeps the history and the best epoch's weights, stops after
-    `patience` epochs without a better `monitor` (None: never), and, given a `directory`, saves
-    all of it at each epoch's end, to `save_to` if given (a cluster's workers other than the
-    chief resume from the chief's checkpoint but must save too, elsewhere: saving runs
-    collective ops). Before `fit`, `find` returns the epoch to start from (0 when there is
-    nothing to resume), and `restore` loads that state into the model: apart, so that a
-    cluster can check that its workers agree on the epoch before restoring (which runs
-    collective ops on the chief alone when they do not)."""
+    """Times each epoch, keeps the history and the best epoch's weights by `monitor` (None:
+    the last epoch's), stops after `patience` epochs without a better one (None: never),
+    and, given a `directory`, saves all of it at each epoch's end, to `save_to` if given (a
+    cluster's workers other than the chief resume from the chief's checkpoint but must save
+    too, elsewhere: saving runs collective ops). Before `fit`, `find` returns the epoch to
+    start from (0 when there is nothing to resume), and `restore` loads that state into the
+    model: apart, so that a cluster can check that its workers agree on the epoch before
+    restoring (which runs collective ops on the chief alone when they do not)."""
 
-    def __init__(self, directory: Path | None, fingerprint: str, monitor: str, patience: int | None,
+    def __init__(self, directory: Path | None, fingerprint: str, monitor: str | None, patience: int | None,
                  save_to: Path | None = None):
         super().__init__()
         self.directory = Path(directory) if directory else None
@@ -67,7 +67,8 @@ class EpochState(keras.callbacks.Callback):
         self._best_weights = model.get_weights()
         model.load_weights(self.directory / state["weights"])
         self.epochs = state["epochs"]
-        self.best_epoch, self.best_score = state["best_epoch"], state["best_score"]
+        self.best_epoch = state["best_epoch"]
+        self.best_score = -math.inf if state["best_score"] is None else state["best_score"]
         self._best_file = state["best_weights"]
 
     def _read_state(self) -> dict | None:
@@ -92,7 +93,10 @@ class EpochState(keras.callbacks.Callback):
         self.epochs.append({**logs, "seconds": round(time.perf_counter() - self._start, 2)})
         if not all(math.isfinite(value) for value in logs.values()):
             return  # a diverged epoch is never saved, so a rerun cannot resume from it
-        if logs[self.monitor] > self.best_score:
+        if self.monitor is None:
+            self.best_epoch = epoch
+            self._best_weights = None  # the model's own weights at the end
+        elif logs[self.monitor] > self.best_score:
             self.best_epoch, self.best_score = epoch, logs[self.monitor]
             self._best_weights = self.model.get_weights()
         if self.save_to is not None:
@@ -110,7 +114,8 @@ class EpochState(keras.callbacks.Callback):
         if self.best_epoch == epoch:
             self._best_file = weights
         state = {"fingerprint": self.fingerprint, "weights": weights, "epochs": self.epochs,
-                 "best_epoch": self.best_epoch, "best_score": self.best_score, "best_weights": self._best_file}
+                 "best_epoch": self.best_epoch, "best_score": self.best_score if self.monitor else None,
+                 "best_weights": self._best_file}
         atomic.write_json(self.save_to / STATE_FILE, state)
         for path in self.save_to.glob("*.weights.h5"):
             if path.name not in (state["weights"], state["best_weights"]):

@@ -6,6 +6,7 @@ the most confused pairs are listed, since 10,000 cells cannot be read one by one
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import keras
@@ -13,6 +14,8 @@ import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix, log_loss
 
 from cifar_pipeline import atomic, plots
+from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.features import MIRRORED_TEST, extractor_and_head, weights_digest
 from cifar_pipeline.params import TTA_MODES
 from cifar_pipeline.prepare import load_meta, load_split
 from cifar_pipeline.saved_models import load_model
@@ -44,6 +47,26 @@ def predict_proba(model: keras.Model, images: np.ndarray, batch_size: int, tta: 
     probs = np.mean([model.predict(view, batch_size=batch_size, verbose=0).astype(np.float64)
                      for view in tta_views(images, tta)], axis=0)
     # float32 softmax sums drift from 1 by ~1e-7, which sklearn's log_loss warns about.
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+def cached_feature_probs(model: keras.Model, features_dir: Path, batch_size: int, tta: str) -> np.ndarray | None:
+    """Test probabilities from the test features cached in `features_dir`, averaged over the
+    views of `tta`, when `model` is a transfer model whose extractor computed them; else None
+    (then its backbone must run on the images). A new head is scored in seconds this way."""
+    parts = extractor_and_head(model)
+    views = {"none": ["test"], "flip": ["test", MIRRORED_TEST]}.get(tta)
+    meta_path = Path(features_dir) / "meta.json"
+    if parts is None or views is None or not meta_path.exists():
+        return None
+    extractor, head = parts
+    if json.loads(meta_path.read_text()).get("extractor_weights") != weights_digest(extractor):
+        print(f"evaluate: the model's feature extractor is not the one whose features are in {features_dir} "
+              "(fine-tuned?): running it on the test images")
+        return None
+    print(f"evaluate: scoring the head on the cached test features in {features_dir}")
+    probs = np.mean([head.predict(np.load(Path(features_dir) / f"{view}.npy"), batch_size=batch_size,
+                                  verbose=0).astype(np.float64) for view in views], axis=0)
     return probs / probs.sum(axis=1, keepdims=True)
 
 
@@ -106,8 +129,10 @@ def write_confused_pairs_csv(path: Path, matrix: np.ndarray, class_names: list[s
 
 def evaluate(*, model_path: Path, prepared_dir: Path, name: str, metrics_path: Path, per_class_path: Path,
              predictions_path: Path, confused_pairs_path: Path, confusion_png: Path, misclassified_png: Path,
-             batch_size: int, tta: str, misclassified: int, confused_pairs: int) -> dict:
-    """Evaluate one model on the test split and write its metrics and plots.
+             batch_size: int, tta: str, misclassified: int, confused_pairs: int,
+             features_dir: Path | None = None) -> dict:
+    """Evaluate one model on the test split and write its metrics and plots. A transfer model
+    is scored on the test features cached in `features_dir` when they are its extractor's.
 
     Per-class scores go to their own file: in the metrics file they would add
     three columns per class to every `dvc metrics show` and `dvc exp show`.
@@ -116,7 +141,12 @@ def evaluate(*, model_path: Path, prepared_dir: Path, name: str, metrics_path: P
     class_names, superclasses = meta["class_names"], meta.get("superclasses")
     test = load_split(prepared_dir, "test")
     model = load_model(model_path)
-    probs = predict_proba(model, test.images, batch_size, tta)
+    probs = None if features_dir is None else cached_feature_probs(model, features_dir, batch_size, tta)
+    if probs is None:
+        probs = predict_proba(model, test.images, batch_size, tta)
+    elif len(probs) != len(test.labels):
+        raise PipelineError(f"{features_dir} holds features of {len(probs)} test images, {prepared_dir} has "
+                            f"{len(test.labels)}: re-run the extract_features stage")
     predicted = probs.argmax(axis=1)
     metrics = score(test.labels, probs, class_names)
     metrics["test_images"] = int(len(test.labels))

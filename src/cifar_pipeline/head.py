@@ -20,7 +20,7 @@ from sklearn.metrics import log_loss
 
 from cifar_pipeline import atomic
 from cifar_pipeline.errors import PipelineError
-from cifar_pipeline.features import MIRRORED_TRAIN
+from cifar_pipeline.features import MIRRORED_TRAIN, transfer_model
 from cifar_pipeline.finetune import fine_tune
 from cifar_pipeline.forest import forest_layer
 from cifar_pipeline.prepare import load_meta, load_split
@@ -126,8 +126,7 @@ def train_head(*, features_dir: Path, prepared_dir: Path, extractor_path: Path, 
     else:
         head, history = fit_keras_head(kind, train_x, train_y, val_x, val_y, num_classes, units, dropout, lr,
                                        weight_decay, epochs, batch_size, patience, seed, live_dir, label_smoothing)
-    inputs = keras.Input((32, 32, 3), dtype="uint8", name="image")
-    model = keras.Model(inputs, head(extractor(inputs)), name="transfer")
+    model = transfer_model(extractor, head)
     if fine_tune_layers:
         train, val = (load_split(prepared_dir, s) for s in ("train", "val"))
         tuned = fine_tune(model, train_images=train.images, train_labels=train.labels, val_images=val.images,

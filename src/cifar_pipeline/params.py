@@ -25,6 +25,7 @@ BACKBONES = (
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "mirrored", "multi_worker")  # distribute.make_strategy
 FLIP_MODES = ("none", "random", "alternating")  # records.training_dataset
+FIT_ON = ("train", "train+val")  # records.fit_splits
 TTA_MODES = ("none", "flip", "flip_shift")
 
 
@@ -134,6 +135,7 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "online_flip": _choice(*FLIP_MODES),
         "online_shift_px": _int(0, 8),
         "online_cutout_px": _int(0, 32),
+        "fit_on": _choice(*FIT_ON),
         "precision": _choice(*PRECISIONS),
         "deterministic": Spec("bool"),
         "strategy": _choice(*STRATEGIES),

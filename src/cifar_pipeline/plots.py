@@ -68,12 +68,14 @@ def augmentation_preview(original: np.ndarray, copies: list[np.ndarray], path: P
 
 
 def learning_curves(history: dict, title: str, path: Path, x_label: str = "epoch") -> None:
-    """Train vs validation accuracy and loss per epoch (or per `x_label`, e.g. trees of a forest)."""
+    """Train vs validation accuracy and loss per epoch (or per `x_label`, e.g. trees of a forest);
+    training alone when nothing was validated (the scratch CNN trained on train+val)."""
     epochs = np.arange(1, len(history["loss"]) + 1)
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key in ((acc_ax, "accuracy"), (loss_ax, "loss")):
         ax.plot(epochs, history[key], marker="o", label="train")
-        ax.plot(epochs, history[f"val_{key}"], marker="o", label="validation")
+        if f"val_{key}" in history:
+            ax.plot(epochs, history[f"val_{key}"], marker="o", label="validation")
         ax.set_xlabel(x_label)
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)

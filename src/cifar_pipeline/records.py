@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from cifar_pipeline.errors import PipelineError
-from cifar_pipeline.params import FLIP_MODES
+from cifar_pipeline.params import FIT_ON, FLIP_MODES
 
 IMAGE_SHAPE = (32, 32, 3)
 _FEATURES = {
@@ -120,10 +120,17 @@ def shard_sizes(directory: Path, split: str) -> list[int]:
     return [count // shards + (i < count % shards) for i in range(shards)]
 
 
+def fit_splits(fit_on: str) -> tuple[str, ...]:
+    """The record splits that `train.fit_on` (FIT_ON) names, in training_dataset's order."""
+    if fit_on not in FIT_ON:
+        raise ValueError(f"unknown train.fit_on {fit_on!r}; allowed: {', '.join(FIT_ON)}")
+    return tuple(fit_on.split("+"))
+
+
 def training_dataset(directory: Path, batch_size: int, num_classes: int, seed: int,
                      online_flip: str, online_shift_px: int, online_cutout_px: int = 0,
                      cutout_fill=(0, 0, 0), start_epoch: int = 0, worker: int = 0, workers: int = 1,
-                     batches_per_epoch: int | None = None) -> tf.data.Dataset:
+                     batches_per_epoch: int | None = None, splits: tuple[str, ...] = ("train",)) -> tf.data.Dataset:
     """Endless batches of (uint8 images, one-hot labels), epoch after epoch from `start_epoch`,
     `batches_per_epoch` of them an epoch (default: as many as the records fill; the rest sit out).
 
@@ -137,12 +144,13 @@ def training_dataset(directory: Path, batch_size: int, num_classes: int, seed: i
     each batch's augmentation is seeded by its number. Training resumed at epoch e
     therefore sees exactly the batches an uninterrupted run would have. Of `workers`
     input pipelines (one per machine), this one, `worker`, reads only its share of
-    the shard files (worker_shards).
+    the shard files (worker_shards). `splits` are read as one set: ("train", "val") trains
+    on the validation images too (their shards hold no cached copies).
     """
     if online_flip not in FLIP_MODES:
         raise ValueError(f"unknown flip mode {online_flip!r}; allowed: {', '.join(FLIP_MODES)}")
-    paths = worker_shards(shard_paths(directory, "train"), worker, workers)
-    serialized = _all_records(paths, read_info(directory)["sizes"]["train"])
+    paths = worker_shards([path for split in splits for path in shard_paths(directory, split)], worker, workers)
+    serialized = _all_records(paths, sum(read_info(directory)["sizes"][split] for split in splits))
     count = int(serialized.shape[0])
     steps = batches_per_epoch or count // batch_size
     if steps * batch_size > count:

@@ -22,9 +22,11 @@ def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, li
                   checkpoint_dir: Path | None, arch: str, epochs: int, batch_size: int, optimizer: str,
                   lr: float, momentum: float, weight_decay: float, label_smoothing: float, schedule: str,
                   warmup_epochs: float, patience: int, online_flip: str, online_shift_px: int,
-                  online_cutout_px: int, precision: str, strategy: str, seed: int) -> dict | None:
+                  online_cutout_px: int, fit_on: str, precision: str, strategy: str, seed: int) -> dict | None:
     """Train `arch` and save the weights of its best validation epoch; return the Keras history
-    (None on a cluster's workers other than the chief, which write nothing).
+    (None on a cluster's workers other than the chief, which write nothing). `fit_on`
+    "train+val" trains on the validation images too, once settings are chosen: with no
+    held-out images left, nothing is validated and the last epoch's weights are saved.
     A run killed after an epoch resumes from `checkpoint_dir` when called again with the same
     arguments, model and data (sizes, channel statistics, class names). `strategy`
     (distribute.STRATEGIES) spreads each batch of `batch_size` images over devices or machines."""
@@ -34,10 +36,14 @@ def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, li
     meta = load_meta(prepared_dir)
     num_classes = len(meta["class_names"])
     records_info = records.read_info(records_dir)
+    splits = records.fit_splits(fit_on)
+    if "val" in splits and schedule == "plateau":
+        raise PipelineError("train.schedule=plateau lowers the learning rate when validation stalls: "
+                            "it needs train.fit_on=train (use the cosine schedule with train+val)")
     if batch_size % replicas:
         raise PipelineError(f"train.batch_size={batch_size} does not split evenly over {replicas} replicas")
     # Every worker takes the same number of steps, each with batch_size / workers of its own records.
-    sizes = records.shard_sizes(records_dir, "train")
+    sizes = [size for split in splits for size in records.shard_sizes(records_dir, split)]
     steps = min(sum(records.worker_shards(sizes, w, workers)) for w in range(workers)) * workers // batch_size
     if steps == 0:
         raise PipelineError(f"train.batch_size={batch_size} exceeds the {sum(sizes)} training records"
@@ -56,18 +62,18 @@ def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, li
             return records.training_dataset(
                 records_dir, per_replica, num_classes, seed, online_flip, online_shift_px, online_cutout_px,
                 cutout_fill=meta["mean"], start_epoch=start_epoch, worker=context.input_pipeline_id,
-                workers=context.num_input_pipelines, batches_per_epoch=steps * local_replicas)
+                workers=context.num_input_pipelines, batches_per_epoch=steps * local_replicas, splits=splits)
         return distribution.distribute_datasets_from_function(for_worker)
 
     chief = is_chief(distribution)
+    val_data = None if "val" in splits else _replicated(
+        records.eval_dataset(records_dir, "val", max(batch_size, 256), num_classes))
     with distribution.scope():
         model = build_model(arch, num_classes, meta["mean"], meta["std"], sample_images=sample)
         # The device and worker counts too: they decide each replica's batch and each worker's shards.
         settings = checkpoints.fingerprint(arguments, policy, model.to_json(), meta, records_info, replicas, workers)
         history = fit(
-            model, training_batches,
-            _replicated(records.eval_dataset(records_dir, "val", max(batch_size, 256), num_classes)),
-            steps_per_epoch=steps, epochs=epochs,
+            model, training_batches, val_data, steps_per_epoch=steps, epochs=epochs,
             optimizer=make_optimizer(optimizer, learning_rate(schedule, lr, epochs, steps, warmup_epochs),
                                      momentum, weight_decay),
             label_smoothing=label_smoothing, schedule=schedule, patience=patience, live_dir=live_dir,

@@ -86,7 +86,8 @@ def fit(model: keras.Model, train_data, val_data, *, steps_per_epoch: int | None
         optimizer: keras.optimizers.Optimizer, label_smoothing: float, schedule: str, patience: int,
         live_dir: Path, images_per_epoch: int, continue_log: bool = False,
         checkpoint_dir: Path | None = None, fingerprint: str = "", chief: bool = True) -> dict:
-    """Train `model` in place, keeping the weights of its best validation epoch; return the history.
+    """Train `model` in place, keeping the weights of its best validation epoch (the last
+    epoch's when `val_data` is None: nothing held out to choose with); return the history.
 
     `train_data` is a dataset, or a function of the first epoch to run that returns
     one (needed to resume: see records.training_dataset). With `checkpoint_dir`,
@@ -102,7 +103,9 @@ def fit(model: keras.Model, train_data, val_data, *, steps_per_epoch: int | None
                   metrics=["accuracy"])
     # A cosine schedule runs to its end (stopping at a high learning rate would keep a
     # worse model); `patience` stops a plateau schedule once validation stalls.
-    state = EpochState(checkpoint_dir, fingerprint, monitor="val_accuracy",
+    if val_data is None and schedule == "plateau":
+        raise ValueError("the plateau schedule needs validation data")
+    state = EpochState(checkpoint_dir, fingerprint, monitor=None if val_data is None else "val_accuracy",
                        patience=patience if schedule == "plateau" else None,
                        save_to=None if chief or checkpoint_dir is None else tempfile.mkdtemp(prefix="checkpoint-"))
     # A non-chief worker's own checkpoint directory goes whatever happens, the cross-worker check included.
@@ -153,7 +156,8 @@ def fit(model: keras.Model, train_data, val_data, *, steps_per_epoch: int | None
     live.summary["train_time_s"] = round(sum(seconds), 1)
     live.summary["images_per_s"] = round(images_per_epoch / float(np.median(steady)), 1)
     live.summary["best_epoch"] = state.best_epoch + 1
-    live.summary["best_val_accuracy"] = round(state.best_score, 4)
+    if val_data is not None:
+        live.summary["best_val_accuracy"] = round(state.best_score, 4)
     live.make_summary()
     return history
 
