@@ -94,6 +94,12 @@ def test_with_nothing_to_validate_the_last_epoch_is_kept_and_no_validation_logge
     assert state["best_weights"] == state["weights"]
     for kept, saved in zip(model.get_weights(), last.get_weights()):
         np.testing.assert_array_equal(kept, saved)
+    # The checkpoint, which holds no validation score, resumes: a longer run goes on from epoch 3.
+    resumed = fit(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(16), None, steps_per_epoch=None, epochs=4,
+                  optimizer=make_optimizer("sgd", 0.1, 0.0, 0.0), label_smoothing=0.0, schedule="cosine",
+                  patience=1, live_dir=tmp_path / "live", images_per_epoch=64, checkpoint_dir=tmp_path / "ckpt")
+    assert resumed["loss"][:3] == history["loss"] and len(resumed["loss"]) == 4
+    assert json.loads((tmp_path / "live" / "metrics.json").read_text())["best_epoch"] == 4
     with pytest.raises(ValueError, match="plateau schedule needs validation"):
         fit(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(16), None, steps_per_epoch=None, epochs=1,
             optimizer=make_optimizer("sgd", 0.1, 0.0, 0.0), label_smoothing=0.0, schedule="plateau", patience=1,
