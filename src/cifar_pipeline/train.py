@@ -154,7 +154,8 @@ def fit(model: keras.Model, train_data, val_data, *, steps_per_epoch: int | None
     seconds = [epoch["seconds"] for epoch in state.epochs]
     steady = seconds[1:] or seconds  # the first epoch includes graph tracing
     live.summary["train_time_s"] = round(sum(seconds), 1)
-    live.summary["images_per_s"] = round(images_per_epoch / float(np.median(steady)), 1)
+    # Epoch times are kept to 10 ms: a tiny model's epochs can all round to 0.
+    live.summary["images_per_s"] = round(images_per_epoch / max(float(np.median(steady)), 0.01), 1)
     live.summary["best_epoch"] = state.best_epoch + 1
     if val_data is not None:
         live.summary["best_val_accuracy"] = round(state.best_score, 4)
