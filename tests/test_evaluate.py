@@ -81,6 +81,13 @@ def test_most_confused_pairs_in_order_with_shares(tmp_path):
     assert rows[0]["actual_superclass"] == "wild" and rows[0]["predicted_superclass"] == "pets"
 
 
+def _outputs(directory):
+    """evaluate()'s output paths, all in `directory`."""
+    return {k: directory / v for k, v in dict(
+        metrics_path="m.json", per_class_path="pc.json", predictions_path="p.csv", confused_pairs_path="cp.csv",
+        confusion_png="c.png", misclassified_png="w.png").items()}
+
+
 def test_cifar100_evaluation_reports_top5_and_superclass_pairs(cifar100_archive, tmp_path):
     from cifar_pipeline.evaluate import evaluate
     from cifar_pipeline.models import build_model
@@ -91,9 +98,7 @@ def test_cifar100_evaluation_reports_top5_and_superclass_pairs(cifar100_archive,
     assert meta["superclasses"][:2] == ["coarse0", "coarse1"]
     model = build_model("ann", 100, meta["mean"], meta["std"])
     model.save(tmp_path / "m.keras")
-    out = {k: tmp_path / v for k, v in dict(
-        metrics_path="m.json", per_class_path="pc.json", predictions_path="p.csv", confused_pairs_path="cp.csv",
-        confusion_png="c.png", misclassified_png="w.png").items()}
+    out = _outputs(tmp_path)
     metrics = evaluate(model_path=tmp_path / "m.keras", prepared_dir=tmp_path / "prepared", name="t",
                        batch_size=64, tta="none", misclassified=4, confused_pairs=10, **out)
     assert "top5_accuracy" in metrics and metrics["test_images"] == 200
@@ -122,9 +127,7 @@ def test_transfer_head_is_scored_on_the_cached_test_features_unless_the_extracto
     transfer_model(extractor, head).save(tmp_path / "transfer.keras")
 
     def run(model_path, **kwargs):
-        out = {k: tmp_path / v for k, v in dict(
-            metrics_path="m.json", per_class_path="pc.json", predictions_path="p.csv",
-            confused_pairs_path="cp.csv", confusion_png="c.png", misclassified_png="w.png").items()}
+        out = _outputs(tmp_path)
         metrics = evaluation.evaluate(model_path=model_path, prepared_dir=training_data / "prepared", name="t",
                                       batch_size=64, tta="flip", misclassified=4, confused_pairs=5, **out, **kwargs)
         return metrics, out["predictions_path"].read_text()

@@ -42,12 +42,17 @@ def tta_views(images: np.ndarray, tta: str) -> list[np.ndarray]:
     return views
 
 
-def predict_proba(model: keras.Model, images: np.ndarray, batch_size: int, tta: str) -> np.ndarray:
-    """Class probabilities, averaged over the test-time augmentation views `tta`."""
+def _view_average(model: keras.Model, views: list[np.ndarray], batch_size: int) -> np.ndarray:
+    """`model`'s class probabilities averaged over the inputs `views` (one per TTA view)."""
     probs = np.mean([model.predict(view, batch_size=batch_size, verbose=0).astype(np.float64)
-                     for view in tta_views(images, tta)], axis=0)
+                     for view in views], axis=0)
     # float32 softmax sums drift from 1 by ~1e-7, which sklearn's log_loss warns about.
     return probs / probs.sum(axis=1, keepdims=True)
+
+
+def predict_proba(model: keras.Model, images: np.ndarray, batch_size: int, tta: str) -> np.ndarray:
+    """Class probabilities, averaged over the test-time augmentation views `tta`."""
+    return _view_average(model, tta_views(images, tta), batch_size)
 
 
 def cached_feature_probs(model: keras.Model, features_dir: Path, batch_size: int, tta: str) -> np.ndarray | None:
@@ -65,9 +70,7 @@ def cached_feature_probs(model: keras.Model, features_dir: Path, batch_size: int
               "(fine-tuned?): running it on the test images")
         return None
     print(f"evaluate: scoring the head on the cached test features in {features_dir}")
-    probs = np.mean([head.predict(np.load(Path(features_dir) / f"{view}.npy"), batch_size=batch_size,
-                                  verbose=0).astype(np.float64) for view in views], axis=0)
-    return probs / probs.sum(axis=1, keepdims=True)
+    return _view_average(head, [np.load(Path(features_dir) / f"{view}.npy") for view in views], batch_size)
 
 
 def score(labels: np.ndarray, probs: np.ndarray, class_names: list[str]) -> dict:
