@@ -114,9 +114,24 @@ def _reader(records: str, prepared: str):
 def worker(mode: str, records: str, prepared: str, arch: str | None) -> None:
     """Build once, then answer each line on stdin with one burst's images/s."""
     timed = _reader(records, prepared) if mode == "read" else _trainer(mode, records, prepared, arch)
-    print(RESULT + "ready", flush=True)
+    import keras
+
+    print(RESULT + keras.mixed_precision.global_policy().name, flush=True)  # ready; the dtypes it trains in
     for _ in sys.stdin:
         print(RESULT + json.dumps(timed()), flush=True)
+
+
+def cpu_summary(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name and which of the vector instruction sets that decide these figures it has."""
+    try:
+        first_cpu = Path(cpuinfo).read_text().split("\n\n")[0]
+    except OSError:
+        return "unknown CPU (no /proc/cpuinfo)"
+    field = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first_cpu.splitlines())}
+    flags = set(field.get("flags", "").split())
+    isa = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
+    return f"{field.get('model name', 'unknown CPU')} (family {field.get('cpu family', '?')}, model " \
+           f"{field.get('model', '?')}), {' '.join(isa) or 'no AVX2'}"
 
 
 def _answer(process: subprocess.Popen) -> str:
@@ -140,14 +155,18 @@ def main() -> None:
         worker(args.worker, args.records, args.prepared, args.arch)
         return
     onednn = {"naive": "0", "project": "1", "read": "1", **({"deterministic": "1"} if args.deterministic else {})}
-    workers = {}
+    workers, policies = {}, {}
     for mode in onednn:
         env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn[mode], "TF_CPP_MIN_LOG_LEVEL": "3"}
         command = [sys.executable, __file__, "--worker", mode, "--records", args.records,
                    "--prepared", args.prepared] + (["--arch", args.arch] if args.arch else [])
         workers[mode] = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.DEVNULL, text=True)
-        _answer(workers[mode])  # built and warmed up before the next one starts, so set-ups do not overlap
+        # Built and warmed up before the next one starts, so set-ups do not overlap.
+        policies[mode] = _answer(workers[mode])
+    # The figures depend on the CPU's vector instructions (bfloat16 ones above all), so name them.
+    print(f"machine: {cpu_summary()}; {os.cpu_count()} logical CPUs; training dtypes: "
+          + ", ".join(f"{mode} {policies[mode]}" for mode in policies if mode != "read"), flush=True)
     results: dict[str, list[float]] = {mode: [] for mode in workers}
     for round_ in range(args.rounds):
         # Alternate who goes first, so neither always follows the other.
@@ -173,8 +192,9 @@ def main() -> None:
               + f"; median {statistics.median(slowdown):.2f}")
     cfg = train_params(args.arch)
     # info.json read directly: the parent process never imports TensorFlow.
-    train_size = json.loads((Path(args.records) / "info.json").read_text())["sizes"]["train"]
-    per_epoch = train_size // cfg["batch_size"] * cfg["batch_size"]
+    sizes = json.loads((Path(args.records) / "info.json").read_text())["sizes"]
+    # An epoch of the train stage covers every split that train.fit_on names (records.fit_splits).
+    per_epoch = sum(sizes[split] for split in cfg["fit_on"].split("+")) // cfg["batch_size"] * cfg["batch_size"]
     print(f"one epoch ({per_epoch} images, {cfg['arch']}, batch {cfg['batch_size']}, medians): "
           f"naive {per_epoch / median['naive']:.0f} s, project {per_epoch / median['project']:.0f} s; "
           f"{cfg['epochs']} epochs: project {cfg['epochs'] * per_epoch / median['project'] / 60:.1f} min")

@@ -106,11 +106,13 @@ def test_repro_then_experiment_then_metrics_and_plots(repo):
     assert "failed to load" not in plots.stderr  # no series missing, validated or not (train.fit_on)
     assert "plots/scratch_confusion.png" in rendered
 
-    # Re-running the data and feature stages gives byte-identical outputs (same hashes in dvc.lock),
-    # so `dvc repro -f` on them does not invalidate training.
+    # Re-running the data and feature stages gives byte-identical outputs, the saved extractor
+    # included (same hashes in dvc.lock), so `dvc repro -f` on them leaves everything downstream
+    # up to date: neither training nor the head would re-run.
     before = _data_hashes(repo)
     _run(["dvc", "repro", "-f", "-s", "prepare", "augment", "extract_features"], repo)
     assert _data_hashes(repo) == before
+    assert "Data and pipelines are up to date" in _run(["dvc", "status"], repo).stdout
 
 
 def _stages_run(result) -> set[str]:
@@ -119,12 +121,12 @@ def _stages_run(result) -> set[str]:
 
 
 def _data_hashes(repo):
-    """md5 of the data outputs recorded in dvc.lock (not of .keras models, whose zip stamps the save time)."""
+    """md5 of the outputs of the data and feature stages recorded in dvc.lock."""
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     hashes = {out["path"]: out["md5"] for stage in ("prepare", "augment", "extract_features")
-              for out in lock[stage]["outs"] if not out["path"].endswith(".keras")}
+              for out in lock[stage]["outs"]}
     assert set(hashes) == {"data/prepared", "plots/samples.png", "data/records", "plots/augmentations.png",
-                           "data/features"}
+                           "data/features", "models/feature_extractor.keras"}
     return hashes
 
 

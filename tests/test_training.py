@@ -8,7 +8,7 @@ import pytest
 from cifar_pipeline.features import MIRRORED_TRAIN
 from cifar_pipeline.head import build_head, train_head
 from cifar_pipeline.prepare import prepare
-from cifar_pipeline.train import TrainingDiverged
+from cifar_pipeline.train import TrainingDiverged, make_optimizer
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,17 @@ def test_head_learns_logs_with_dvclive_and_saves_an_end_to_end_model(head_inputs
     import keras
     model = keras.models.load_model(tmp_path / "transfer.keras")
     assert model.input_shape == (None, 32, 32, 3) and model.output_shape == (None, 10)
+
+
+def test_cosine_head_runs_every_epoch_and_decays_the_learning_rate_to_zero(head_inputs, tmp_path, monkeypatch):
+    from cifar_pipeline import head
+
+    optimizers = []
+    monkeypatch.setattr(head, "make_optimizer", lambda *a: optimizers.append(make_optimizer(*a)) or optimizers[-1])
+    # patience=1 would stop a plateau head at its first stall; cosine runs every epoch.
+    history = _train(head_inputs, tmp_path, schedule="cosine", epochs=6, patience=1)
+    assert len(history["loss"]) == 6 and max(history["val_accuracy"]) > 0.9
+    assert float(optimizers[0].learning_rate) < 1e-6  # at the last step: 0, from lr = 0.01
 
 
 def test_head_trains_on_the_mirrored_training_features_too(head_inputs, tmp_path):

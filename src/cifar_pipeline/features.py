@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from cifar_pipeline import atomic
 from cifar_pipeline.backbones import build_feature_extractor
+from cifar_pipeline.keras_save import save_model
 from cifar_pipeline.prepare import SPLITS, load_split
 
 
@@ -70,8 +71,7 @@ def extract_features(*, prepared_dir: Path, features_dir: Path, extractor_path: 
                                               "mid_level_features": mid_level_features,
                                               "mirrored_train": mirrored_train,
                                               "extractor_weights": weights_digest(extractor)})
-    with atomic.atomic_path(extractor_path) as tmp:
-        extractor.save(tmp)
+    save_model(extractor, extractor_path)
     return stats
 
 

@@ -162,6 +162,7 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "weight_decay": _float(0, 1),
         "epochs": _int(1, 10000),
         "batch_size": _int(1, 65536),
+        "schedule": _choice("cosine", "plateau"),
         "patience": _int(1, 1000),
         "trees": _int(1, 10000),
         "min_samples_leaf": _int(1, 100000),

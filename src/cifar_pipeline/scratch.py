@@ -8,9 +8,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cifar_pipeline import atomic, checkpoints, records
+from cifar_pipeline import checkpoints, records
 from cifar_pipeline.distribute import is_chief, make_strategy, worker_count
 from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.keras_save import save_model
 from cifar_pipeline.models import build_model
 from cifar_pipeline.prepare import load_meta, load_split
 from cifar_pipeline.train import compute_policy, fit, learning_rate, make_optimizer
@@ -79,8 +80,7 @@ def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, li
             label_smoothing=label_smoothing, schedule=schedule, patience=patience, live_dir=live_dir,
             images_per_epoch=steps * batch_size, checkpoint_dir=checkpoint_dir, fingerprint=settings, chief=chief)
     if chief:
-        with atomic.atomic_path(model_path) as tmp:
-            model.save(tmp)
+        save_model(model, model_path)
         checkpoints.remove(checkpoint_dir)
         return history
     with tempfile.TemporaryDirectory() as throwaway:  # saving may run collective ops: all workers save
