@@ -61,7 +61,7 @@ def main() -> None:
                     _, history = fit_keras_head(kind, *data, head_cfg["units"], head_cfg["dropout"],
                                                  head_cfg["lr"], head_cfg["weight_decay"], head_cfg["epochs"],
                                                  head_cfg["batch_size"], head_cfg["patience"], head_cfg["seed"],
-                                                 Path(live_dir), head_cfg["label_smoothing"])
+                                                 Path(live_dir), head_cfg["label_smoothing"], head_cfg["schedule"])
             row[kind] = max(history["val_accuracy"]) if kind != "random_forest" else history["val_accuracy"][-1]
         rows.append(row)
         print(f"{args.backbone} {size} px: extraction {row['images_per_s']:.0f} images/s, "

@@ -103,6 +103,9 @@ def test_repro_then_experiment_then_metrics_and_plots(repo):
     rendered = json.loads(plots.stdout)["data"]
     assert "plots/scratch_predictions.csv" in rendered
     assert any("dvclive/scratch/plots/metrics/train/accuracy.tsv" in key for key in rendered)
+    # Both models' learning rates, cosine schedules included (Keras logs them only for plateau).
+    assert any("dvclive/scratch/plots/metrics/train/learning_rate.tsv" in key for key in rendered)
+    assert "Transfer head learning rate per epoch" in rendered
     assert "failed to load" not in plots.stderr  # no series missing, validated or not (train.fit_on)
     assert "plots/scratch_confusion.png" in rendered
 

@@ -29,7 +29,7 @@ def head_inputs(cifar10_archive, tmp_path_factory):
 
 def _train(root, tmp_path, **overrides):
     kwargs = dict(kind="dense", units=16, dropout=0.1, lr=0.01, weight_decay=1e-4, epochs=8, batch_size=32,
-                  patience=8, trees=10, min_samples_leaf=1, seed=0)
+                  patience=8, trees=10, min_samples_leaf=1, seed=0, label_smoothing=0.0, schedule="plateau")
     kwargs.update(overrides)
     return train_head(features_dir=root / "features", prepared_dir=root / "prepared",
                       extractor_path=root / "extractor.keras", model_path=tmp_path / "transfer.keras",
@@ -57,6 +57,10 @@ def test_cosine_head_runs_every_epoch_and_decays_the_learning_rate_to_zero(head_
     history = _train(head_inputs, tmp_path, schedule="cosine", epochs=6, patience=1)
     assert len(history["loss"]) == 6 and max(history["val_accuracy"]) > 0.9
     assert float(optimizers[0].learning_rate) < 1e-6  # at the last step: 0, from lr = 0.01
+    # The schedule is in the DVCLive log too (Keras logs it only for ReduceLROnPlateau).
+    logged = np.loadtxt(tmp_path / "live" / "plots" / "metrics" / "train" / "learning_rate.tsv",
+                        delimiter="\t", skiprows=1, usecols=-1)
+    assert len(logged) == 6 and logged[0] < 0.01 and np.all(np.diff(logged) < 0) and logged[-1] < 1e-6
 
 
 def test_head_trains_on_the_mirrored_training_features_too(head_inputs, tmp_path):
@@ -96,7 +100,8 @@ def test_with_nothing_to_validate_the_last_epoch_is_kept_and_no_validation_logge
     history = fit(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(16), None, steps_per_epoch=None, epochs=3,
                   optimizer=make_optimizer("sgd", 0.1, 0.0, 0.0), label_smoothing=0.0, schedule="cosine",
                   patience=1, live_dir=tmp_path / "live", images_per_epoch=64, checkpoint_dir=tmp_path / "ckpt")
-    assert sorted(history) == ["accuracy", "loss"] and len(history["loss"]) == 3  # patience: plateau only
+    # No validation series; `patience` stops plateau schedules only.
+    assert sorted(history) == ["accuracy", "learning_rate", "loss"] and len(history["loss"]) == 3
     summary = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert summary["best_epoch"] == 3 and "best_val_accuracy" not in summary
     state = json.loads((tmp_path / "ckpt" / "state.json").read_text())

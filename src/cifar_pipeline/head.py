@@ -104,7 +104,7 @@ def fit_forest(train_x, train_y, val_x, val_y, num_classes: int, trees: int, min
 def train_head(*, features_dir: Path, prepared_dir: Path, extractor_path: Path, model_path: Path,
                live_dir: Path, kind: str, units: int, dropout: float, lr: float, weight_decay: float,
                epochs: int, batch_size: int, patience: int, trees: int, min_samples_leaf: int, seed: int,
-               label_smoothing: float = 0.0, schedule: str = "plateau", fine_tune_layers: int = 0,
+               label_smoothing: float, schedule: str, fine_tune_layers: int = 0,
                fine_tune_epochs: int = 0, fine_tune_lr: float = 0.0) -> dict:
     """Fit the head on train features (Keras heads keep their best val epoch), then optionally fine-tune
     the top `fine_tune_layers` backbone layers with it on images; save extractor + head as one model."""
@@ -142,8 +142,8 @@ def train_head(*, features_dir: Path, prepared_dir: Path, extractor_path: Path, 
 
 
 def fit_keras_head(kind, train_x, train_y, val_x, val_y, num_classes, units, dropout, lr, weight_decay, epochs,
-                   batch_size, patience, seed, live_dir, label_smoothing=0.0,
-                   schedule="plateau") -> tuple[keras.Model, dict]:
+                   batch_size, patience, seed, live_dir, label_smoothing,
+                   schedule) -> tuple[keras.Model, dict]:
     """A dense or logistic head fitted on the features with AdamW, keeping its best val epoch:
     `plateau` lowers the learning rate and stops early as val stalls; `cosine` decays it to 0
     over exactly `epochs` (fewer epochs for a given accuracy when a quick one is wanted)."""

@@ -60,6 +60,16 @@ def compute_policy(precision: str) -> str:
     return "mixed_float16" if all(c >= TENSOR_CORE_CAPABILITY for c in capabilities) else "float32"
 
 
+class LearningRateInLogs(keras.callbacks.Callback):
+    """Adds the learning rate of the next step to each epoch's logs, so DVCLive plots it,
+    checkpoints keep it, and a resumed run replays it, for every schedule (Keras itself
+    logs it only where ReduceLROnPlateau runs)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
 def make_optimizer(name: str, lr, momentum: float, weight_decay: float) -> keras.optimizers.Optimizer:
     """`lr` is a float or a LearningRateSchedule; weight decay is decoupled (AdamW-style)."""
     if name == "sgd":
@@ -115,7 +125,7 @@ def fit(model: keras.Model, train_data, val_data, *, steps_per_epoch: int | None
             raise PipelineError(f"this worker would resume after epoch {start_epoch}, others elsewhere: on a cluster, "
                                 f"{checkpoint_dir} must be storage that every worker shares (or absent on all)")
         state.restore(model)
-        callbacks = [keras.callbacks.TerminateOnNaN(), state]
+        callbacks = [keras.callbacks.TerminateOnNaN(), LearningRateInLogs(), state]
         live = None
         if chief:
             live = Live(str(live_dir), resume=continue_log, report=None, save_dvc_exp=False, dvcyaml=None)
@@ -127,6 +137,7 @@ def fit(model: keras.Model, train_data, val_data, *, steps_per_epoch: int | None
                 live, state.epochs[-1]["seconds"])), logger]
         if schedule == "plateau":
             # Its patience count restarts after a resume; the learning rate it set is restored.
+            # Before LearningRateInLogs, which then logs the rate it set.
             callbacks.insert(1, keras.callbacks.ReduceLROnPlateau(
                 monitor="val_loss", factor=0.5, patience=max(1, patience // 3), min_lr=1e-6))
         if start_epoch < epochs and not state.stopped_early():
