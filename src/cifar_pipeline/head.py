@@ -142,8 +142,7 @@ def train_head(*, features_dir: Path, prepared_dir: Path, extractor_path: Path, 
 
 
 def fit_keras_head(kind, train_x, train_y, val_x, val_y, num_classes, units, dropout, lr, weight_decay, epochs,
-                   batch_size, patience, seed, live_dir, label_smoothing,
-                   schedule) -> tuple[keras.Model, dict]:
+                   batch_size, patience, seed, live_dir, label_smoothing, schedule) -> tuple[keras.Model, dict]:
     """A dense or logistic head fitted on the features with AdamW, keeping its best val epoch:
     `plateau` lowers the learning rate and stops early as val stalls; `cosine` decays it to 0
     over exactly `epochs` (fewer epochs for a given accuracy when a quick one is wanted)."""
