@@ -60,7 +60,8 @@ def _trainer(mode: str, records: str, prepared: str, arch: str | None):
         keras.mixed_precision.set_global_policy(compute_policy(cfg["precision"]))
     meta = load_meta(prepared)
     model = build_model(cfg["arch"], len(meta["class_names"]), meta["mean"], meta["std"],
-                        sample_images=load_split(prepared, "train", mmap=True).images[:1000])
+                        sample_images=load_split(prepared, "train", mmap=True).images[:1000],
+                        fast_width=cfg["fast_width"])
     model.compile(keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True), "categorical_crossentropy")
     ends: list[float] = []
     clock = keras.callbacks.LambdaCallback(on_train_batch_end=lambda *_, **__: ends.append(time.perf_counter()))

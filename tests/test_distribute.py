@@ -41,10 +41,10 @@ for arch, strategy, epochs in json.loads(sys.argv[3]):
     name = f"{arch}-{strategy}"
     runs[name] = scratch.train_scratch(
         records_dir=data / "records", prepared_dir=data / "prepared", model_path=out / f"{name}.keras",
-        live_dir=out / name, checkpoint_dir=None, arch=arch, epochs=epochs, batch_size=32, optimizer="sgd",
-        lr=0.002, momentum=0.9, weight_decay=0.0, label_smoothing=0.0, schedule="cosine", warmup_epochs=0,
-        patience=5, online_flip="none", online_shift_px=0, online_cutout_px=0, fit_on="train", precision="float32",
-        strategy=strategy, seed=0)
+        live_dir=out / name, checkpoint_dir=None, arch=arch, fast_width=64, epochs=epochs, batch_size=32,
+        optimizer="sgd", lr=0.002, momentum=0.9, weight_decay=0.0, label_smoothing=0.0, schedule="cosine",
+        warmup_epochs=0, patience=5, online_flip="none", online_shift_px=0, online_cutout_px=0, fit_on="train",
+        precision="float32", strategy=strategy, seed=0)
 print("RUNS " + json.dumps(runs))
 """
 

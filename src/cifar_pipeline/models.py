@@ -41,7 +41,7 @@ def _conv_bn_act(x, filters, activation="relu", kernel_size=3, regularizer=None)
 
 
 # airbench94's settings for its net, written anew in Keras.
-FAST_WIDTHS = (64, 256, 256)
+FAST_WIDTH = 64  # channels of the first stage; the second and third have 4x as many (64/256/256)
 SHIFT_LR_SCALE = 8.0  # BatchNorm shifts learn 8**2 = 64x faster than the conv weights
 LOGIT_SCALE = 1 / 9  # small logits: the linear head learns slowly and softmax starts near uniform
 
@@ -58,12 +58,13 @@ def _gelu(x):
     return FusedGelu()(x)
 
 
-def _fast(x, num_classes):
-    """An airbench-style net: a 2x2 patch-whitening stem, three conv stages with
-    early max-pooling, global max pool, a bias-free linear head with small logits."""
+def _fast(x, num_classes, width: int = FAST_WIDTH):
+    """An airbench-style net: a 2x2 patch-whitening stem, three conv stages of `width`,
+    4 * `width` and 4 * `width` channels with early max-pooling, global max pool, a
+    bias-free linear head with small logits."""
     x = layers.Conv2D(2 * PATCH_FEATURES, 2, padding="valid", use_bias=False, name=WHITENING_LAYER)(x)
     x = _gelu(x)
-    for filters in FAST_WIDTHS:
+    for filters in (width, 4 * width, 4 * width):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=PartialIdentity())(x)
         x = layers.MaxPooling2D(padding="same")(x)
         x = _gelu(_fast_batchnorm(x))
@@ -154,17 +155,21 @@ ARCHITECTURES: dict[str, Callable] = {
 }
 
 
-def build_model(arch: str, num_classes: int, mean, std, sample_images: np.ndarray | None = None) -> keras.Model:
+def build_model(arch: str, num_classes: int, mean, std, sample_images: np.ndarray | None = None,
+                fast_width: int = FAST_WIDTH) -> keras.Model:
     """An uncompiled model of architecture `arch` for uint8 32x32 RGB input.
 
     `sample_images` (uint8, a few thousand training images) initialise the
     patch-whitening stem of architectures that have one, which then stays
-    frozen; without them that stem is an ordinary trainable conv.
+    frozen; without them that stem is an ordinary trainable conv. `fast_width`
+    sets the channels of the `fast` net's first stage (the others have 4x).
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; allowed: {', '.join(ARCHITECTURES)}")
     inputs, x = _normalized_input(mean, std)
-    model = keras.Model(inputs, ARCHITECTURES[arch](x, num_classes), name=arch)
+    body = ARCHITECTURES[arch]
+    outputs = body(x, num_classes, width=fast_width) if body is _fast else body(x, num_classes)
+    model = keras.Model(inputs, outputs, name=arch)
     stem = next((layer for layer in model.layers if layer.name == WHITENING_LAYER), None)
     if stem is not None and sample_images is not None:
         stem.set_weights([patch_whitening_kernel(sample_images, mean, std)])

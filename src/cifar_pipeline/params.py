@@ -122,6 +122,7 @@ SCHEMA: dict[str, dict[str, Spec]] = {
     },
     "train": {
         "arch": _choice(*ARCHITECTURES),
+        "fast_width": _int(8, 1024),
         "epochs": _int(1, 1000),
         "batch_size": _int(1, 8192),
         "optimizer": _choice("sgd", "adamw"),

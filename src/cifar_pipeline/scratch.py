@@ -20,17 +20,18 @@ WHITENING_SAMPLE = 5000
 
 
 def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, live_dir: Path,
-                  checkpoint_dir: Path | None, arch: str, epochs: int, batch_size: int, optimizer: str,
+                  checkpoint_dir: Path | None, arch: str, fast_width: int, epochs: int, batch_size: int, optimizer: str,
                   lr: float, momentum: float, weight_decay: float, label_smoothing: float, schedule: str,
                   warmup_epochs: float, patience: int, online_flip: str, online_shift_px: int,
                   online_cutout_px: int, fit_on: str, precision: str, strategy: str, seed: int) -> dict | None:
-    """Train `arch` and save the weights of its best validation epoch; return the Keras history
-    (None on a cluster's workers other than the chief, which write nothing). `fit_on`
-    "train+val" trains on the validation images too, once settings are chosen: with no
-    held-out images left, nothing is validated and the last epoch's weights are saved.
-    A run killed after an epoch resumes from `checkpoint_dir` when called again with the same
-    arguments, model and data (sizes, channel statistics, class names). `strategy`
-    (distribute.STRATEGIES) spreads each batch of `batch_size` images over devices or machines."""
+    """Train `arch` (`fast_width`: models.build_model) and save the weights of its best
+    validation epoch; return the Keras history (None on a cluster's workers other than the
+    chief, which write nothing). `fit_on` "train+val" trains on the validation images too,
+    once settings are chosen: with no held-out images left, nothing is validated and the
+    last epoch's weights are saved. A run killed after an epoch resumes from
+    `checkpoint_dir` when called again with the same arguments, model and data (sizes,
+    channel statistics, class names). `strategy` (distribute.STRATEGIES) spreads each batch
+    of `batch_size` images over devices or machines."""
     arguments = dict(locals())  # first, so it holds exactly the arguments
     distribution = make_strategy(strategy)
     replicas, workers = distribution.num_replicas_in_sync, worker_count(distribution)
@@ -70,7 +71,8 @@ def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, li
     val_data = None if "val" in splits else _replicated(
         records.eval_dataset(records_dir, "val", max(batch_size, 256), num_classes))
     with distribution.scope():
-        model = build_model(arch, num_classes, meta["mean"], meta["std"], sample_images=sample)
+        model = build_model(arch, num_classes, meta["mean"], meta["std"], sample_images=sample,
+                            fast_width=fast_width)
         # The device and worker counts too: they decide each replica's batch and each worker's shards.
         settings = checkpoints.fingerprint(arguments, policy, model.to_json(), meta, records_info, replicas, workers)
         history = fit(
