@@ -27,6 +27,7 @@ STRATEGIES = ("auto", "mirrored", "multi_worker")  # distribute.make_strategy
 FLIP_MODES = ("none", "random", "alternating")  # records.training_dataset
 FIT_ON = ("train", "train+val")  # records.fit_splits
 TTA_MODES = ("none", "flip", "flip_shift")
+SCHEDULES = ("cosine", "plateau")  # train.learning_rate
 
 
 class ParamsError(PipelineError, ValueError):
@@ -130,7 +131,7 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "momentum": _float(0, 0.999),
         "weight_decay": _float(0, 1),
         "label_smoothing": _float(0, 0.5),
-        "schedule": _choice("cosine", "plateau"),
+        "schedule": _choice(*SCHEDULES),
         "warmup_epochs": _float(0, 100),
         "patience": _int(1, 1000),
         "online_flip": _choice(*FLIP_MODES),
@@ -163,7 +164,7 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "weight_decay": _float(0, 1),
         "epochs": _int(1, 10000),
         "batch_size": _int(1, 65536),
-        "schedule": _choice("cosine", "plateau"),
+        "schedule": _choice(*SCHEDULES),
         "patience": _int(1, 1000),
         "trees": _int(1, 10000),
         "min_samples_leaf": _int(1, 100000),
