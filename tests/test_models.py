@@ -20,12 +20,13 @@ def test_every_preset_classifies_raw_uint8_images_and_round_trips(arch, tmp_path
 
 
 def test_fast_width_sets_the_channels_of_the_three_stages():
-    convs = [layer.filters for layer in build_model("fast", 10, [120.0] * 3, [60.0] * 3, fast_width=16).layers
-             if isinstance(layer, keras.layers.Conv2D) and layer.name != WHITENING_LAYER]
-    assert convs == [16, 16, 64, 64, 64, 64]
-    default = build_model("fast", 10, [120.0] * 3, [60.0] * 3)
-    assert [layer.filters for layer in default.layers if isinstance(layer, keras.layers.Conv2D)][1:] == [
-        64, 64, 256, 256, 256, 256]
+    def stage_filters(**width):
+        model = build_model("fast", 10, [120.0] * 3, [60.0] * 3, **width)
+        return [layer.filters for layer in model.layers
+                if isinstance(layer, keras.layers.Conv2D) and layer.name != WHITENING_LAYER]
+
+    assert stage_filters(fast_width=16) == [16, 16, 64, 64, 64, 64]
+    assert stage_filters() == [64, 64, 256, 256, 256, 256]
 
 
 def test_normalisation_uses_the_given_statistics():

@@ -58,7 +58,7 @@ def _gelu(x):
     return FusedGelu()(x)
 
 
-def _fast(x, num_classes, width: int = FAST_WIDTH):
+def _fast(x, num_classes, width: int):
     """An airbench-style net: a 2x2 patch-whitening stem, three conv stages of `width`,
     4 * `width` and 4 * `width` channels with early max-pooling, global max pool, a
     bias-free linear head with small logits."""
