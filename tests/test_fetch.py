@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
 from cifar_pipeline import fetch as fetch_mod
+from cifar_pipeline import params as params_lib
 from cifar_pipeline.fetch import FetchError, fetch, resolve_source
 
 BODY = bytes(range(256)) * 4096  # 1 MiB
@@ -164,3 +167,31 @@ def test_resolve_source_defaults_to_the_official_archive():
     assert resolve_source("cifar10", "/x.tar.gz", "a" * 32) == ("/x.tar.gz", "a" * 32)
     with pytest.raises(FetchError, match="data.md5 must be set too"):
         resolve_source("cifar10", "/x.tar.gz", None)
+
+
+def test_the_committed_params_fetch_the_official_cifar10():
+    # A fresh clone with internet runs `dvc repro` on the real data, not on a local copy.
+    data = params_lib.load(Path(__file__).parents[1] / "params.yaml")["data"]
+    assert resolve_source(data["dataset"], data["url"], data["md5"]) == fetch_mod.OFFICIAL["cifar10"]
+
+
+def test_unknown_host_fails_at_once_saying_how_to_use_a_local_copy(tmp_path):
+    # ".invalid" never resolves (RFC 2606), with or without internet: the offline case.
+    url = "https://cifar.invalid/~kriz/cifar-10-python.tar.gz"
+    start = time.monotonic()  # real backoff sleeps: retries would take 31 s
+    with pytest.raises(FetchError) as err:
+        fetch(url, MD5, tmp_path / "a.tar.gz", retries=5, progress=False)
+    message = str(err.value)
+    assert message.startswith("cannot reach cifar.invalid to download " + url)
+    assert f"-S data.url=/path/to/cifar-10-python.tar.gz -S data.md5={MD5}" in message
+    assert time.monotonic() - start < 10 and _outputs(tmp_path) == []
+
+
+def test_refused_connection_fails_at_once(tmp_path):
+    with socket.socket() as sock:  # a port nothing listens on: bound, never listening
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/archive.tar.gz"
+        start = time.monotonic()  # real backoff sleeps: retries would take 31 s
+        with pytest.raises(FetchError, match="cannot reach 127.0.0.1:.*Nothing was written"):
+            fetch(url, MD5, tmp_path / "a.tar.gz", retries=5, progress=False)
+    assert time.monotonic() - start < 10 and _outputs(tmp_path) == []

@@ -61,10 +61,41 @@ def test_images_become_32px_rgb_with_transparency_on_white(tmp_path):
     assert (image == 255).all()
 
 
-def test_without_class_names_the_indices_are_shown(saved, capsys, tmp_path):
+def test_outside_the_project_a_cifar10_model_still_names_its_classes(saved, capsys, tmp_path, monkeypatch):
     root, _ = saved
-    assert main([str(root / "model.keras"), str(root / "small.png"), "--meta", str(tmp_path / "none.json")]) == 0
+    monkeypatch.chdir(tmp_path)  # no data/prepared/meta.json here or beside the model
+    assert main([str(root / "model.keras"), str(root / "small.png"), "--top-k", "10"]) == 0
+    assert sorted(capsys.readouterr().out.split("\t")[1].split()[::2]) == sorted(NAMES)
+
+
+def test_the_meta_json_of_the_models_project_is_found_from_anywhere(saved, capsys, tmp_path, monkeypatch):
+    root, model = saved
+    project = tmp_path / "project"
+    (project / "models").mkdir(parents=True)
+    (project / "data" / "prepared").mkdir(parents=True)
+    model.save(project / "models" / "m.keras")
+    names = [f"thing{i}" for i in range(10)]
+    (project / "data" / "prepared" / "meta.json").write_text(json.dumps({"class_names": names}))
+    monkeypatch.chdir(root)
+    assert main([str(project / "models" / "m.keras"), str(root / "small.png")]) == 0
+    assert capsys.readouterr().out.split("\t")[1].split()[0] in names
+
+
+def test_without_class_names_the_indices_are_shown(capsys, tmp_path, monkeypatch):
+    build_model("ann", 7, mean=[120.0] * 3, std=[60.0] * 3).save(tmp_path / "seven.keras")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "black.png")
+    monkeypatch.chdir(tmp_path)
+    assert main([str(tmp_path / "seven.keras"), str(tmp_path / "black.png")]) == 0
     assert "class " in capsys.readouterr().out
+
+
+def test_a_missing_or_mismatched_meta_json_is_a_usage_error(saved, capsys, tmp_path):
+    root, _ = saved
+    (tmp_path / "three.json").write_text(json.dumps({"class_names": ["a", "b", "c"]}))
+    for meta, message in ((tmp_path / "none.json", "no such meta.json"), (tmp_path / "three.json", "names 3 classes")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(root / "model.keras"), str(root / "small.png"), "--meta", str(meta)])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_a_missing_model_is_a_usage_error(tmp_path, capsys):

@@ -4,7 +4,8 @@ The output path only ever holds a whole, verified archive: bytes go to a
 `.part` file beside it, which is renamed into place after the md5 matches.
 HTTP downloads resume with `Range` after a dropped connection, retry 5xx and
 network errors a bounded number of times, and never follow a redirect to
-another scheme or host without saying so.
+another scheme or host without saying so. A host that cannot be reached at all
+on the first try (no network) fails at once, saying how to use a local copy.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from urllib.parse import unquote, urljoin, urlparse
 
 import requests
 from tqdm import tqdm
+from urllib3.exceptions import NewConnectionError  # name not resolved, or refused
 
 from cifar_pipeline.errors import PipelineError
 
@@ -40,6 +42,18 @@ class FetchError(PipelineError):
 
 class _Retryable(Exception):
     pass
+
+
+class _Unreachable(_Retryable):
+    """No connection could be made: the host name did not resolve, or the port refused."""
+
+
+def _offline_message(url: str, md5: str, err: _Unreachable) -> str:
+    name = Path(urlparse(url).path).name or "archive.tar.gz"
+    return (f"cannot reach {urlparse(url).netloc} to download {url}: {err}. "
+            f"Without internet, use a local copy of the archive (data.url is a path or URL, data.md5 "
+            f"its md5), e.g.: dvc exp run -S data.url=/path/to/{name} -S data.md5={md5} "
+            "(or set both in params.yaml). Nothing was written.")
 
 
 def resolve_source(dataset: str, url: str | None, md5: str | None) -> tuple[str, str]:
@@ -72,7 +86,7 @@ def fetch(url: str, md5: str, out: Path, timeout_s: float = 60.0, retries: int =
     scheme = urlparse(url).scheme
     try:
         if scheme in ("http", "https"):
-            _download(url, part, timeout_s, retries, progress)
+            _download(url, md5, part, timeout_s, retries, progress)
         elif scheme == "file" or scheme == "" or len(scheme) == 1:  # len 1: a Windows drive letter
             _copy_local(_local_path(url), part, progress)
         else:
@@ -109,7 +123,7 @@ def _copy_local(src: Path, part: Path, progress: bool) -> None:
             bar.update(len(block))
 
 
-def _download(url: str, part: Path, timeout_s: float, retries: int, progress: bool) -> None:
+def _download(url: str, md5: str, part: Path, timeout_s: float, retries: int, progress: bool) -> None:
     part.unlink(missing_ok=True)
     last_error = None
     for attempt in range(retries + 1):
@@ -120,6 +134,12 @@ def _download(url: str, part: Path, timeout_s: float, retries: int, progress: bo
         try:
             _download_once(url, part, timeout_s, progress)
             return
+        except _Unreachable as err:
+            # Unreachable on the first try: offline, or a wrong address; half a minute of
+            # retries would not change that. Later (a server restarting) it is retried.
+            if not attempt:
+                raise FetchError(_offline_message(url, md5, err)) from err
+            last_error = err
         except _Retryable as err:
             last_error = err
     raise FetchError(f"giving up on {url} after {retries + 1} attempts; last error: {last_error}")
@@ -130,6 +150,12 @@ def _download_once(url: str, part: Path, timeout_s: float, progress: bool) -> No
     headers = {"Range": f"bytes={have}-"} if have else {}
     try:
         response = _get_following_safe_redirects(url, headers, timeout_s)
+    except requests.ConnectionError as err:
+        reason = getattr(err.args[0] if err.args else None, "reason", None)
+        if isinstance(reason, NewConnectionError):
+            # urllib3 puts "HTTPSConnection(host=..., port=...): " before what went wrong.
+            raise _Unreachable(str(reason).split("): ", 1)[-1]) from err
+        raise _Retryable(f"{type(err).__name__}: {err}") from err
     except requests.RequestException as err:
         raise _Retryable(f"{type(err).__name__}: {err}") from err
     with response:

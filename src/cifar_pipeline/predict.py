@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cifar_pipeline import cifar_names
+
 INPUT_SIZE = 32
 DEFAULT_META = Path("data/prepared/meta.json")
 
@@ -34,14 +36,22 @@ def load_image(path: Path) -> np.ndarray:
     return np.asarray(resized, np.uint8)
 
 
-def class_names(meta_path: Path | None, num_classes: int) -> list[str]:
-    """Names from the prepare stage's meta.json, or `class <i>` when there is none."""
-    if meta_path is not None and Path(meta_path).is_file():
+def class_names(meta_path: Path | None, num_classes: int, model_path: Path) -> list[str]:
+    """The model's class names: from `meta_path` when given (it must name `num_classes`),
+    else from the meta.json of the project the model lives in (`<project>/models/x.keras`)
+    or of the working directory, else the official CIFAR names for that many classes,
+    else `class <i>`."""
+    if meta_path is not None:
         names = json.loads(Path(meta_path).read_text())["class_names"]
         if len(names) != num_classes:
             raise ValueError(f"{meta_path} names {len(names)} classes but the model predicts {num_classes}")
         return names
-    return [f"class {i}" for i in range(num_classes)]
+    for candidate in (Path(model_path).resolve().parent.parent / DEFAULT_META, DEFAULT_META):
+        if candidate.is_file():
+            names = json.loads(candidate.read_text())["class_names"]
+            if len(names) == num_classes:  # another dataset's meta.json is not this model's
+                return names
+    return list(cifar_names.BY_COUNT.get(num_classes, [f"class {i}" for i in range(num_classes)]))
 
 
 def top_k(probabilities: np.ndarray, names: list[str], k: int) -> list[dict]:
@@ -82,19 +92,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", type=Path, help="a .keras model saved by the train or train_head stage")
     parser.add_argument("images", type=Path, nargs="+", help="image files (PNG, JPEG, ...)")
     parser.add_argument("--top-k", type=int, default=3, help="classes to show per image (default 3)")
-    parser.add_argument("--meta", type=Path, default=DEFAULT_META,
-                        help=f"class names: the prepare stage's meta.json (default {DEFAULT_META})")
+    parser.add_argument("--meta", type=Path, default=None,
+                        help=f"class names: a prepare stage's meta.json (default: {DEFAULT_META} of the "
+                             "model's project or of the working directory, else the official CIFAR names)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")
     if not args.model.is_file():
         parser.error(f"{args.model}: no such model file")
+    if args.meta is not None and not args.meta.is_file():
+        parser.error(f"{args.meta}: no such meta.json")
 
     from cifar_pipeline.saved_models import load_model
 
     model = load_model(args.model)
-    names = class_names(args.meta, model.output_shape[-1])
+    try:
+        names = class_names(args.meta, model.output_shape[-1], args.model)
+    except ValueError as err:
+        parser.error(str(err))
     results = predict_files(model, args.images, names, min(args.top_k, len(names)))
     for result in results:
         if "error" in result:
