@@ -1,8 +1,8 @@
 """The class names of the official CIFAR archives (their `batches.meta` / `meta`), in label order.
 
 `cifar-predict` falls back to these when a model travels without the `prepare` stage's
-meta.json (copied out of the project, or fetched with `dvc artifacts get`): a model's
-number of outputs tells which list applies, since the three counts differ.
+meta.json (copied out of its project): a model's number of outputs tells which list
+applies, since the three counts differ.
 """
 CIFAR10 = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
