@@ -35,7 +35,7 @@ def main() -> None:
 
     from cifar_pipeline.backbones import build_feature_extractor
     from cifar_pipeline.features import transfer_model
-    from cifar_pipeline.finetune import _backbone, unfreeze_top
+    from cifar_pipeline.finetune import unfreeze
     from cifar_pipeline.head import build_head
     from cifar_pipeline.prepare import load_split
     from cifar_pipeline.train import compute_policy
@@ -57,9 +57,7 @@ def main() -> None:
         extractor = build_feature_extractor("efficientnet_lite0", size, "imagenet", mid_level=True)
         dim = extractor.output_shape[-1]
         model = transfer_model(extractor, build_head("dense", np.zeros(dim), np.ones(dim), 10, 1024, 0.6))
-        weighted = [layer for layer in _backbone(model).layers
-                    if layer.weights and not isinstance(layer, keras.layers.BatchNormalization)]
-        unfreeze_top(model, len(weighted))  # every layer but BatchNorm, which stays in inference mode
+        unfreeze(model, "all")  # every layer but BatchNorm, which stays in inference mode
         model.compile(optimizer=keras.optimizers.AdamW(1e-4), loss="categorical_crossentropy")
         model.train_on_batch(*batches[0])  # trace
         models[size] = model

@@ -10,7 +10,7 @@ def main() -> None:
     parser.add_argument("--features", type=Path, required=True, help="output directory of feature arrays")
     parser.add_argument("--extractor", type=Path, required=True, help="output .keras feature extractor")
     args = parser.parse_args()
-    cfg = {k: v for k, v in stage.load_params(args)["transfer"].items() if not k.startswith("fine_tune_")}
+    cfg = stage.load_params(args)["transfer"]
     # Random-init backbones (weights: none) must be the same network on every run.
     stage.set_seed(cfg.pop("seed"))
     from cifar_pipeline.features import extract_features

@@ -1,4 +1,4 @@
-"""Stage train_head: fit a classification head on cached features; save backbone + head."""
+"""Stage train_head: fit a classification head on cached features; save backbone + head (not yet fine-tuned)."""
 from pathlib import Path
 
 from cifar_pipeline import plots, stage
@@ -16,11 +16,10 @@ def main() -> None:
     params = stage.load_params(args)
     cfg = params["head"]
     stage.set_seed(cfg["seed"])
-    fine_tune = {k: v for k, v in params["transfer"].items() if k.startswith("fine_tune_")}
     from cifar_pipeline.head import train_head
 
     history = train_head(features_dir=args.features, prepared_dir=args.prepared, extractor_path=args.extractor,
-                         model_path=args.model, live_dir=args.live_dir, **cfg, **fine_tune)
+                         model_path=args.model, live_dir=args.live_dir, **cfg)
     plots.learning_curves(history, f"Transfer head ({cfg['kind']})", args.curves_png,
                           x_label="trees" if cfg["kind"] == "random_forest" else "epoch")
 

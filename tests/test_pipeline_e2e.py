@@ -52,6 +52,7 @@ def repo(tmp_path_factory, cifar10_archive):
     # The default backbone with its installed ImageNet weights: the transfer path runs offline.
     params["transfer"].update(backbone="efficientnet_lite0", weights="imagenet", image_size=32, batch_size=64)
     params["head"].update(epochs=3, batch_size=32)
+    params["finetune"].update(epochs=1, batch_size=32)
     params["evaluate"].update(misclassified=4, confused_pairs=4)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], root)
@@ -63,8 +64,8 @@ def repo(tmp_path_factory, cifar10_archive):
 def test_repro_then_experiment_then_metrics_and_plots(repo):
     first = _run(["dvc", "repro"], repo)
     assert _stages_run(first) == {"fetch", "prepare", "augment", "train", "extract_features", "train_head",
-                                  "evaluate@scratch", "evaluate@transfer"}, first.stdout
-    for name in ("scratch", "transfer"):
+                                  "finetune", "evaluate@scratch", "evaluate@head", "evaluate@transfer"}, first.stdout
+    for name in ("scratch", "head", "transfer"):
         metrics = json.loads((repo / "metrics" / f"{name}.json").read_text())
         assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["test_images"] == 30
         per_class = json.loads((repo / "metrics" / f"{name}_per_class.json").read_text())
@@ -89,15 +90,20 @@ def test_repro_then_experiment_then_metrics_and_plots(repo):
     changed = json.loads(diff.stdout)
     # On 30 test images the accuracy of two tiny runs may tie; the loss does not.
     assert "metrics/scratch.json" in changed and "loss" in changed["metrics/scratch.json"]
-    assert "metrics/transfer.json" not in changed
+    assert "metrics/transfer.json" not in changed and "metrics/head.json" not in changed
 
     shown = _run(["dvc", "exp", "show", "--json"], repo)
     assert "0.05" in shown.stdout and "metrics/scratch.json" in shown.stdout
 
-    # So does one on the head: the cached features are reused.
+    # So does one on the head: the cached features are reused, the new head is fine-tuned.
     head_experiment = _run(["dvc", "exp", "run", "-S", "head.lr=0.003"], repo)
-    assert _stages_run(head_experiment) == {"train_head", "evaluate@transfer"}, head_experiment.stdout
+    assert _stages_run(head_experiment) == {"train_head", "finetune", "evaluate@head", "evaluate@transfer"}, \
+        head_experiment.stdout
     assert "scoring the head on the cached test features" in head_experiment.stdout  # no backbone pass
+    # A quick head experiment stops before fine-tuning: name the head's evaluation (--temp: in a
+    # temporary copy, so the workspace keeps the fine-tuned model of the head it holds).
+    quick = _run(["dvc", "exp", "run", "--temp", "-S", "head.lr=0.002", "evaluate@head"], repo)
+    assert _stages_run(quick) == {"train_head", "evaluate@head"}, quick.stdout
 
     plots = _run(["dvc", "plots", "show", "--json"], repo)
     rendered = json.loads(plots.stdout)["data"]
@@ -106,6 +112,7 @@ def test_repro_then_experiment_then_metrics_and_plots(repo):
     # Both models' learning rates, cosine schedules included (Keras logs them only for plateau).
     assert any("dvclive/scratch/plots/metrics/train/learning_rate.tsv" in key for key in rendered)
     assert "Transfer head learning rate per epoch" in rendered
+    assert "Fine-tuning accuracy per epoch" in rendered
     assert "failed to load" not in plots.stderr  # no series missing, validated or not (train.fit_on)
     assert "plots/scratch_confusion.png" in rendered
 
@@ -195,7 +202,8 @@ def test_a_fresh_clone_pulls_data_features_and_models_from_the_remote_with_nothi
     clone = tmp_path / "clone"
     _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
     _run(["dvc", "pull"], clone)
-    for output in ("data/records", "data/features", "models/scratch.keras", "models/transfer.keras"):
+    for output in ("data/records", "data/features", "models/scratch.keras", "models/head.keras",
+                   "models/transfer.keras"):
         assert (clone / output).exists(), output
     assert (clone / "models" / "scratch.keras").read_bytes() == (repo / "models" / "scratch.keras").read_bytes()
     assert "Data and pipelines are up to date" in _run(["dvc", "status"], clone).stdout

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from cifar_pipeline import checkpoints, saved_models
+from stage_runs import epochs_saved, finish
 
 PROJECT = Path(__file__).resolve().parents[1]
 EPOCHS = 6
@@ -44,19 +45,6 @@ def _start(data: Path, out: Path, params: Path | None = None) -> subprocess.Pope
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
 
 
-def _finish(process: subprocess.Popen) -> str:
-    output = process.communicate(timeout=600)[0]
-    assert process.returncode == 0, output
-    return output
-
-
-def _epochs_saved(checkpoint: Path) -> int:
-    try:
-        return len(json.loads((checkpoint / checkpoints.STATE_FILE).read_text())["epochs"])
-    except (OSError, ValueError):  # not written yet
-        return 0
-
-
 def _outcome(out: Path):
     weights = saved_models.load_model(out / "scratch.keras").get_weights()
     summary = json.loads((out / "live" / "metrics.json").read_text())
@@ -68,7 +56,7 @@ def _outcome(out: Path):
 @pytest.fixture(scope="module")
 def uninterrupted(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    _finish(_start(data, out))
+    finish(_start(data, out))
     assert not (out / "checkpoint").exists()  # removed once the model is saved
     return _outcome(out)
 
@@ -76,14 +64,14 @@ def uninterrupted(data, tmp_path_factory):
 def test_killed_training_resumes_and_ends_as_an_uninterrupted_run(data, uninterrupted, tmp_path):
     process = _start(data, tmp_path)
     deadline = time.monotonic() + 300
-    while _epochs_saved(tmp_path / "checkpoint") < 2 and process.poll() is None and time.monotonic() < deadline:
+    while epochs_saved(tmp_path / "checkpoint") < 2 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)  # mid-epoch: the next one is under way
     process.wait()
-    killed_after = _epochs_saved(tmp_path / "checkpoint")
+    killed_after = epochs_saved(tmp_path / "checkpoint")
     assert 2 <= killed_after < EPOCHS and not (tmp_path / "scratch.keras").exists()
 
-    output = _finish(_start(data, tmp_path))
+    output = finish(_start(data, tmp_path))
     assert f"resuming after epoch {killed_after}" in output
     weights, summary, logged = _outcome(tmp_path)
     expected_weights, expected_summary, expected_logged = uninterrupted
@@ -94,7 +82,7 @@ def test_killed_training_resumes_and_ends_as_an_uninterrupted_run(data, uninterr
 
 
 def test_deterministic_reruns_are_identical(data, uninterrupted, tmp_path):
-    _finish(_start(data, tmp_path))
+    finish(_start(data, tmp_path))
     weights, summary, logged = _outcome(tmp_path)
     assert (summary, logged) == uninterrupted[1:]
     for got, expected in zip(weights, uninterrupted[0]):
@@ -115,7 +103,7 @@ def test_checkpoint_of_other_settings_is_not_resumed_and_a_diverged_epoch_is_not
     for epoch, accuracy in enumerate((0.5, 0.6, math.nan)):
         state.on_epoch_begin(epoch)
         state.on_epoch_end(epoch, {"loss": math.nan if math.isnan(accuracy) else 1.0, "val_accuracy": accuracy})
-    assert _epochs_saved(tmp_path) == 2  # the NaN epoch left the last good checkpoint in place
+    assert epochs_saved(tmp_path) == 2  # the NaN epoch left the last good checkpoint in place
     assert checkpoints.EpochState(tmp_path, "settings-a", "val_accuracy", 5).find() == 2
     assert checkpoints.EpochState(tmp_path, "settings-b", "val_accuracy", 5).find() == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-1.weights.h5", "state.json"]

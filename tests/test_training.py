@@ -140,26 +140,3 @@ def test_forest_head_logs_per_tree_count_and_saves_the_forest_inside_the_model(h
     model = keras.models.load_model(tmp_path / "transfer.keras")
     probs = model.predict(np.load(head_inputs / "prepared" / "val_images.npy")[:4], verbose=0)
     assert probs.shape == (4, 10) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
-
-
-def test_fine_tuning_trains_only_the_top_backbone_layers_and_continues_the_log(head_inputs, tmp_path):
-    import keras
-    history = _train(head_inputs, tmp_path, epochs=2, patience=2, fine_tune_layers=2, fine_tune_epochs=1,
-                     fine_tune_lr=1e-3)
-    assert len(history["val_accuracy"]) == 3  # two head epochs, then one of fine-tuning
-    summary = json.loads((tmp_path / "live" / "metrics.json").read_text())
-    assert summary["step"] == 2  # DVCLive's steps run on across the two phases
-    extractor = keras.models.load_model(head_inputs / "extractor.keras")
-    tuned = keras.models.load_model(tmp_path / "transfer.keras").get_layer(extractor.name)
-    before, after = extractor.layers[-1], tuned.layers[-1]  # the backbones
-    changed = [a.name for a, b in zip(after.layers, before.layers)
-               if any(not np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))]
-    # MobileNetV2's last weighted layers: Conv_1 (1280 1x1 filters) and block_16_project; their
-    # BatchNorms (moving statistics included) stay as loaded.
-    assert changed == ["block_16_project", "Conv_1"]
-
-
-def test_fine_tuning_more_layers_than_the_backbone_has_is_refused(head_inputs, tmp_path):
-    from cifar_pipeline.errors import PipelineError
-    with pytest.raises(PipelineError, match="fine_tune_layers = 999, but the backbone"):
-        _train(head_inputs, tmp_path, epochs=1, fine_tune_layers=999, fine_tune_epochs=1, fine_tune_lr=1e-3)

@@ -1,33 +1,53 @@
-"""Fine-tune the top layers of the backbone together with a converged head, on images.
+"""Fine-tune the backbone end to end with its converged head, on augmented images.
 
-Runs after the head has trained on cached features, so the new layers start
-from a good head instead of pushing random gradients into the backbone. This
-is the one transfer step that needs the backbone's forward and backward pass on
-every image each epoch: minutes per epoch on a CPU, hence off by default.
+The head has first trained on cached features (head.py), so fine-tuning starts
+from a good classifier instead of pushing a random head's gradients into the
+ImageNet weights. Every backbone layer with weights trains (or the top N),
+except BatchNormalization: frozen, which in Keras also keeps it in inference
+mode, so batches of a hundred CIFAR images never replace the ImageNet
+statistics. Training reads the TFRecords like the scratch CNN (online flip and
+shift, each epoch a function of the seed alone) and saves a checkpoint after
+every epoch, so a killed run resumes where it stopped.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import keras
-import numpy as np
-import tensorflow as tf
 from keras import layers
 
+from cifar_pipeline import checkpoints, records
 from cifar_pipeline.errors import PipelineError
-from cifar_pipeline.train import fit, make_optimizer
+from cifar_pipeline.features import extractor_and_head
+from cifar_pipeline.keras_save import save_model
+from cifar_pipeline.prepare import load_meta
+from cifar_pipeline.saved_models import load_model
+from cifar_pipeline.train import compute_policy, fit, learning_rate, make_optimizer
+
+# The output layer stays float32 under any policy (a softmax in 16 bits loses small probabilities).
+OUTPUT_LAYER = "probabilities"
 
 
-def unfreeze_top(model: keras.Model, count: int) -> list[str]:
-    """Make the last `count` weighted layers of the backbone inside `model` trainable, and
-    nothing else of it; return their names. BatchNormalization layers stay frozen, which
-    in Keras also keeps them in inference mode: small fine-tuning batches would otherwise
-    overwrite the ImageNet statistics."""
-    backbone = _backbone(model)
+def backbone_of(model: keras.Model) -> keras.Model:
+    """The backbone inside a transfer model (transfer model -> feature extractor -> backbone)."""
+    parts = extractor_and_head(model)
+    inner = [layer for layer in parts[0].layers if isinstance(layer, keras.Model)] if parts else []
+    if not inner:
+        raise PipelineError(f"{model.name} is not a transfer model (feature extractor + head)")
+    return inner[0]
+
+
+def unfreeze(model: keras.Model, count: int | str) -> list[str]:
+    """Make the last `count` ("all": every one) layers with weights of the backbone inside
+    `model` trainable and the rest of it frozen; BatchNormalization layers always stay
+    frozen, hence in inference mode. Return the trainable layers' names."""
+    backbone = backbone_of(model)
     weighted = [layer for layer in backbone.layers
                 if layer.weights and not isinstance(layer, layers.BatchNormalization)]
+    count = len(weighted) if count == "all" else count
     if count > len(weighted):
-        raise PipelineError(f"transfer.fine_tune_layers = {count}, but the backbone {backbone.name} has "
+        raise PipelineError(f"finetune.layers = {count}, but the backbone {backbone.name} has "
                             f"{len(weighted)} layers with weights (BatchNormalization not counted)")
     backbone.trainable = True
     for layer in backbone.layers:
@@ -37,40 +57,66 @@ def unfreeze_top(model: keras.Model, count: int) -> list[str]:
     return [layer.name for layer in weighted[len(weighted) - count:]]
 
 
-def _backbone(model: keras.Model) -> keras.Model:
-    """The innermost-but-one model: transfer model -> feature extractor -> backbone."""
-    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-    for candidate in nested:
-        inner = [layer for layer in candidate.layers if isinstance(layer, keras.Model)]
-        if inner:
-            return inner[0]
-    raise PipelineError(f"found no backbone model inside {model.name}")
+def with_policy(model: keras.Model, policy: str) -> keras.Model:
+    """`model` rebuilt with its float32 layers in the dtype policy `policy` (the output layer
+    excepted), same weights. A loaded model keeps the policy it was saved with; train_head
+    saves float32, as the head trains on float32 features."""
+    if policy == "float32":
+        return model
+
+    def rewrite(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "DTypePolicy" and node["config"]["name"] == "float32":
+                return {**node, "config": {**node["config"], "name": policy}}
+            if isinstance(node.get("config"), dict) and node["config"].get("name") == OUTPUT_LAYER:
+                return node
+            return {key: rewrite(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [rewrite(value) for value in node]
+        return node
+
+    rebuilt = keras.Model.from_config(rewrite(model.get_config()))
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
 
 
-def image_dataset(images: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int,
-                  shuffle_seed: int | None) -> tf.data.Dataset:
-    """Batches of (uint8 images, one-hot labels); shuffled and randomly mirrored when seeded."""
-    data = tf.data.Dataset.from_tensor_slices((images, tf.one_hot(labels, num_classes)))
-    if shuffle_seed is not None:
-        data = data.shuffle(len(labels), seed=shuffle_seed, reshuffle_each_iteration=True)
-    data = data.batch(batch_size)
-    if shuffle_seed is not None:
-        data = data.map(lambda x, y: (tf.image.random_flip_left_right(x, seed=shuffle_seed), y),
-                        num_parallel_calls=tf.data.AUTOTUNE)
-    return data.prefetch(tf.data.AUTOTUNE)
-
-
-def fine_tune(model: keras.Model, *, train_images: np.ndarray, train_labels: np.ndarray, val_images: np.ndarray,
-              val_labels: np.ndarray, num_classes: int, layers_to_tune: int, epochs: int, lr: float,
-              weight_decay: float, batch_size: int, patience: int, seed: int, live_dir: Path,
-              label_smoothing: float = 0.0) -> dict:
-    """Train the top `layers_to_tune` backbone layers and the head of the end-to-end `model`
-    in place, continuing the head's DVCLive log; return the fine-tuning epochs' history."""
-    tuned = unfreeze_top(model, layers_to_tune)
-    print(f"fine-tune: {len(tuned)} backbone layers ({tuned[0]} .. {tuned[-1]}) + head, lr {lr}, {epochs} epochs")
-    return fit(model,
-               image_dataset(train_images, train_labels, num_classes, batch_size, shuffle_seed=seed),
-               image_dataset(val_images, val_labels, num_classes, batch_size, shuffle_seed=None),
-               steps_per_epoch=None, epochs=epochs, optimizer=make_optimizer("adamw", lr, 0.0, weight_decay),
-               label_smoothing=label_smoothing, schedule="plateau", patience=patience, live_dir=live_dir,
-               images_per_epoch=len(train_labels), continue_log=True)
+def finetune(*, head_model_path: Path, records_dir: Path, prepared_dir: Path, model_path: Path, live_dir: Path,
+             checkpoint_dir: Path | None, layers: int | str, epochs: int, batch_size: int, lr: float,
+             warmup_epochs: float, weight_decay: float, label_smoothing: float, online_shift_px: int,
+             precision: str, seed: int) -> dict:
+    """Fine-tune the transfer model saved by train_head on the training split, keeping the
+    weights of its best validation epoch; save it to `model_path` and return the history.
+    AdamW, linear warm-up from lr / 10 then cosine decay to 0; random flip and up to
+    `online_shift_px` pixels of shift per image. A run killed after an epoch resumes from
+    `checkpoint_dir` when called again with the same arguments and starting model."""
+    arguments = dict(locals())  # first, so it holds exactly the arguments
+    num_classes = len(load_meta(prepared_dir)["class_names"])
+    policy = compute_policy(precision)
+    model = with_policy(load_model(head_model_path), policy)
+    head = extractor_and_head(model)
+    if head is not None and not head[1].trainable_weights:
+        raise PipelineError(f"{head_model_path} has a head without trainable weights (head.kind = random_forest?): "
+                            "fine-tuning needs a head trained by gradient descent (head.kind dense or logistic)")
+    tuned = unfreeze(model, layers)
+    print(f"finetune: {len(tuned)} backbone layers ({tuned[0]} .. {tuned[-1]}) + head, in {policy}, "
+          f"peak lr {lr}, {epochs} epochs")
+    steps = sum(records.shard_sizes(records_dir, "train")) // batch_size
+    if steps == 0:
+        raise PipelineError(f"finetune.batch_size = {batch_size} exceeds the "
+                            f"{sum(records.shard_sizes(records_dir, 'train'))} training records")
+    # A checkpoint resumes only from the same starting weights: a new head starts over.
+    start = hashlib.sha256(Path(head_model_path).read_bytes()).hexdigest()
+    settings = checkpoints.fingerprint(arguments, policy, start, records.read_info(records_dir))
+    history = fit(
+        model,
+        lambda first_epoch: records.training_dataset(records_dir, batch_size, num_classes, seed, "random",
+                                                     online_shift_px, start_epoch=first_epoch),
+        records.eval_dataset(records_dir, "val", max(batch_size, 256), num_classes),
+        steps_per_epoch=steps, epochs=epochs,
+        optimizer=make_optimizer("adamw", learning_rate("cosine", lr, epochs, steps, warmup_epochs), 0.0,
+                                 weight_decay),
+        label_smoothing=label_smoothing, schedule="cosine", patience=epochs, live_dir=live_dir,
+        images_per_epoch=steps * batch_size, checkpoint_dir=checkpoint_dir, fingerprint=settings)
+    save_model(model, model_path)
+    checkpoints.remove(checkpoint_dir)
+    return history

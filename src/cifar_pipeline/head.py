@@ -21,7 +21,6 @@ from sklearn.metrics import log_loss
 
 from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.features import MIRRORED_TRAIN, transfer_model
-from cifar_pipeline.finetune import fine_tune
 from cifar_pipeline.forest import forest_layer
 from cifar_pipeline.keras_save import save_model
 from cifar_pipeline.prepare import load_meta, load_split
@@ -104,13 +103,9 @@ def fit_forest(train_x, train_y, val_x, val_y, num_classes: int, trees: int, min
 def train_head(*, features_dir: Path, prepared_dir: Path, extractor_path: Path, model_path: Path,
                live_dir: Path, kind: str, units: int, dropout: float, lr: float, weight_decay: float,
                epochs: int, batch_size: int, patience: int, trees: int, min_samples_leaf: int, seed: int,
-               label_smoothing: float, schedule: str, fine_tune_layers: int = 0,
-               fine_tune_epochs: int = 0, fine_tune_lr: float = 0.0) -> dict:
-    """Fit the head on train features (Keras heads keep their best val epoch), then optionally fine-tune
-    the top `fine_tune_layers` backbone layers with it on images; save extractor + head as one model."""
-    if fine_tune_layers and kind == "random_forest":
-        raise PipelineError("transfer.fine_tune_layers needs a head trained by gradient descent; "
-                            "head.kind = random_forest has none (use dense or logistic, or set it to 0)")
+               label_smoothing: float, schedule: str) -> dict:
+    """Fit the head on train features (Keras heads keep their best val epoch); save extractor + head
+    as one model, which the finetune stage then trains end to end."""
     num_classes = len(load_meta(prepared_dir)["class_names"])
     train_x, val_x = (np.load(Path(features_dir) / f"{s}.npy") for s in ("train", "val"))
     extractor = load_model(extractor_path)
@@ -128,16 +123,7 @@ def train_head(*, features_dir: Path, prepared_dir: Path, extractor_path: Path, 
         head, history = fit_keras_head(kind, train_x, train_y, val_x, val_y, num_classes, units, dropout, lr,
                                        weight_decay, epochs, batch_size, patience, seed, live_dir, label_smoothing,
                                        schedule)
-    model = transfer_model(extractor, head)
-    if fine_tune_layers:
-        train, val = (load_split(prepared_dir, s) for s in ("train", "val"))
-        tuned = fine_tune(model, train_images=train.images, train_labels=train.labels, val_images=val.images,
-                          val_labels=val.labels, num_classes=num_classes, layers_to_tune=fine_tune_layers,
-                          epochs=fine_tune_epochs, lr=fine_tune_lr, weight_decay=weight_decay,
-                          batch_size=batch_size, patience=patience, seed=seed, live_dir=live_dir,
-                          label_smoothing=label_smoothing)
-        history = {key: history[key] + tuned[key] for key in HISTORY_KEYS}
-    save_model(model, model_path)
+    save_model(transfer_model(extractor, head), model_path)
     return history
 
 

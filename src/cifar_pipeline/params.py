@@ -36,7 +36,8 @@ class ParamsError(PipelineError, ValueError):
 
 @dataclass(frozen=True)
 class Spec:
-    """What one key accepts. `kind` is int, float, bool, str or choice."""
+    """What one key accepts. `kind` is int, float, bool, str or choice; `choices` of another
+    kind are words accepted besides its values (finetune.layers: a count or `all`)."""
 
     kind: str
     low: float | None = None
@@ -57,6 +58,7 @@ class Spec:
             if self.high is not None:
                 parts.append(f"<= {self.high:g}")
             allowed = noun + (" " + " and ".join(parts) if parts else "")
+            allowed += "".join(f" or {choice}" for choice in self.choices)
         elif self.kind == "str" and self.pattern:
             allowed = f"a string matching {self.pattern}"
         else:
@@ -66,7 +68,7 @@ class Spec:
     def accepts(self, value: Any) -> bool:
         if value is None:
             return self.nullable
-        if self.kind == "choice":
+        if self.kind == "choice" or value in self.choices:
             return value in self.choices
         if self.kind == "bool":
             return isinstance(value, bool)
@@ -151,9 +153,6 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "mirrored_train": Spec("bool"),
         "batch_size": _int(1, 4096),
         "seed": SEED,
-        "fine_tune_layers": _int(0, 10000),
-        "fine_tune_epochs": _int(1, 1000),
-        "fine_tune_lr": _float(0, 10, low_open=True),
     },
     "head": {
         "kind": _choice("dense", "logistic", "random_forest"),
@@ -170,9 +169,22 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "min_samples_leaf": _int(1, 100000),
         "seed": SEED,
     },
+    "finetune": {
+        "layers": _int(1, 10000, choices=("all",)),
+        "epochs": _int(1, 1000),
+        "batch_size": _int(1, 8192),
+        "lr": _float(0, 10, low_open=True),
+        "warmup_epochs": _float(0, 100),
+        "weight_decay": _float(0, 1),
+        "label_smoothing": _float(0, 0.5),
+        "online_shift_px": _int(0, 8),
+        "precision": _choice(*PRECISIONS),
+        "seed": SEED,
+    },
     "evaluate": {
         "batch_size": _int(1, 65536),
         "tta_scratch": _choice(*TTA_MODES),
+        "tta_head": _choice(*TTA_MODES),
         "tta_transfer": _choice(*TTA_MODES),
         "misclassified": _int(0, 100),
         "confused_pairs": _int(0, 10000),
