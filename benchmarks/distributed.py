@@ -26,7 +26,9 @@ import yaml
 PROJECT = Path(__file__).resolve().parents[1]
 
 SINGLE_PROCESS = """
-import sys, tensorflow as tf
+import os, sys
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as the stages run; before TensorFlow starts
+import tensorflow as tf
 if sys.argv[1] == "mirrored":  # split the CPU before TensorFlow starts
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)

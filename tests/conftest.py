@@ -7,7 +7,7 @@ import pytest
 
 # Before TensorFlow is imported by any test module: quiet logs, oneDNN on.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import cifar_pipeline  # noqa: E402,F401  sets the oneDNN default
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as the stages and cifar-predict set it
 
 from synthetic import cifar10_members, cifar100_members, write_tar_gz  # noqa: E402
 

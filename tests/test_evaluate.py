@@ -110,12 +110,16 @@ def test_cifar100_evaluation_reports_top5_and_superclass_pairs(cifar100_archive,
 
 
 def test_transfer_head_is_scored_on_the_cached_test_features_unless_the_extractor_changed(
-        training_data, tmp_path, monkeypatch, capsys):
+        training_data, tmp_path, monkeypatch, caplog):
+    import logging
+
     import keras
 
     from cifar_pipeline import evaluate as evaluation
     from cifar_pipeline.features import extract_features, transfer_model
     from cifar_pipeline.head import build_head
+
+    caplog.set_level(logging.INFO, logger="cifar_pipeline")
 
     keras.utils.set_random_seed(0)
     extract_features(prepared_dir=training_data / "prepared", features_dir=tmp_path / "features",
@@ -138,7 +142,7 @@ def test_transfer_head_is_scored_on_the_cached_test_features_unless_the_extracto
     monkeypatch.setattr(evaluation, "predict_proba", lambda *a, **k: backbone_runs.append(1) or real_predict_proba(
         *a, **k))
     on_features = run(tmp_path / "transfer.keras", features_dir=tmp_path / "features")
-    assert not backbone_runs and "cached test features" in capsys.readouterr().out
+    assert not backbone_runs and "cached test features" in caplog.text
     assert on_features[1] == on_images[1]  # the same prediction for every test image
     assert on_features[0]["loss"] == pytest.approx(on_images[0]["loss"], rel=1e-4)
 
@@ -147,4 +151,4 @@ def test_transfer_head_is_scored_on_the_cached_test_features_unless_the_extracto
     layer.set_weights([w * 1.5 for w in layer.get_weights()])
     tuned.save(tmp_path / "tuned.keras")
     run(tmp_path / "tuned.keras", features_dir=tmp_path / "features")
-    assert backbone_runs == [1] and "not the one whose features" in capsys.readouterr().out
+    assert backbone_runs == [1] and "not the one whose features" in caplog.text

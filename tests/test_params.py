@@ -31,6 +31,9 @@ def test_committed_params_are_valid(good):
     ("data", "md5", "xyz", "data.md5 = 'xyz' is invalid; allowed: a string matching [0-9a-f]{32} or null"),
     ("augment", "flip", "yes", "augment.flip = 'yes' is invalid; allowed: true or false"),
     ("data", "val_fraction", 0.0, "data.val_fraction = 0.0 is invalid; allowed: a number > 0 and <= 0.5"),
+    ("data", "limit", 5, "data.limit = 5 is invalid; allowed: an integer >= 20 or null"),
+    ("finetune", "layers", "most", "finetune.layers = 'most' is invalid; allowed: an integer >= 1 and <= 10000 or all"),
+    ("train", "lr", "0.1", "train.lr = '0.1' is invalid; allowed: a number > 0"),
 ])
 def test_bad_values_name_key_value_and_allowed(good, section, key, value, message):
     bad = copy.deepcopy(good)
@@ -61,6 +64,13 @@ def test_load_reports_missing_file_and_bad_yaml(tmp_path):
     (tmp_path / "params.yaml").write_text("train: [unclosed\n")
     with pytest.raises(params.ParamsError, match="not valid YAML"):
         params.load(tmp_path / "params.yaml")
+
+
+def test_the_committed_json_schema_is_the_current_one():
+    """params.schema.json is made by `python -m cifar_pipeline.params > params.schema.json`."""
+    import json
+
+    assert json.loads((PROJECT / "params.schema.json").read_text()) == params.json_schema()
 
 
 def test_allowed_names_match_the_registries():

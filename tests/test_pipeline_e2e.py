@@ -54,6 +54,7 @@ def repo(tmp_path_factory, cifar10_archive):
     params["head"].update(epochs=3, batch_size=32)
     params["finetune"].update(epochs=1, batch_size=32)
     params["evaluate"].update(misclassified=4, confused_pairs=4)
+    params["export"].update(onnx=False, litert=False)  # tests/test_export.py converts those; minutes here
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], root)
     _git(root, "add", "-A")
@@ -64,7 +65,8 @@ def repo(tmp_path_factory, cifar10_archive):
 def test_repro_then_experiment_then_metrics_and_plots(repo):
     first = _run(["dvc", "repro"], repo)
     assert _stages_run(first) == {"fetch", "prepare", "augment", "train", "extract_features", "train_head",
-                                  "finetune", "evaluate@scratch", "evaluate@head", "evaluate@transfer"}, first.stdout
+                                  "finetune", "evaluate@scratch", "evaluate@head", "evaluate@transfer",
+                                  "export@scratch", "export@transfer"}, first.stdout
     for name in ("scratch", "head", "transfer"):
         metrics = json.loads((repo / "metrics" / f"{name}.json").read_text())
         assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["test_images"] == 30
@@ -77,6 +79,9 @@ def test_repro_then_experiment_then_metrics_and_plots(repo):
         pairs = (repo / "plots" / f"{name}_confused_pairs.csv").read_text().splitlines()
         assert pairs[0].startswith("actual,predicted,count,share_of_actual") and len(pairs) <= 5
     assert (repo / "plots" / "samples.png").exists() and (repo / "plots" / "augmentations.png").exists()
+    for name in ("scratch", "transfer"):  # each checked against its .keras model by the stage itself
+        assert (repo / "exports" / name / "saved_model" / "saved_model.pb").is_file()
+        assert json.loads((repo / "metrics" / f"{name}_export.json").read_text())["saved_model"]["top1_agreement"] == 1
     assert "Data and pipelines are up to date" in _run(["dvc", "status"], repo).stdout
     _git(repo, "add", "-A")
     _git(repo, "commit", "-qm", "baseline run")
@@ -84,7 +89,7 @@ def test_repro_then_experiment_then_metrics_and_plots(repo):
 
     # An experiment on train.lr re-runs exactly the stages that depend on it.
     experiment = _run(["dvc", "exp", "run", "-S", "train.lr=0.05"], repo)
-    assert _stages_run(experiment) == {"train", "evaluate@scratch"}, experiment.stdout
+    assert _stages_run(experiment) == {"train", "evaluate@scratch", "export@scratch"}, experiment.stdout
 
     diff = _run(["dvc", "metrics", "diff", "--json"], repo)
     changed = json.loads(diff.stdout)
@@ -97,7 +102,8 @@ def test_repro_then_experiment_then_metrics_and_plots(repo):
 
     # So does one on the head: the cached features are reused, the new head is fine-tuned.
     head_experiment = _run(["dvc", "exp", "run", "-S", "head.lr=0.003"], repo)
-    assert _stages_run(head_experiment) == {"train_head", "finetune", "evaluate@head", "evaluate@transfer"}, \
+    assert _stages_run(head_experiment) == {"train_head", "finetune", "evaluate@head", "evaluate@transfer",
+                                            "export@transfer"}, \
         head_experiment.stdout
     assert "scoring the head on the cached test features" in head_experiment.stdout  # no backbone pass
     # A quick head experiment stops before fine-tuning: name the head's evaluation (--temp: in a
@@ -160,7 +166,7 @@ def test_killed_dvc_repro_resumes_training_on_the_next_repro(repo):
 
     again = _run(["dvc", "repro"], repo)
     assert f"resuming after epoch {finished}" in again.stdout + again.stderr
-    assert _stages_run(again) == {"train", "evaluate@scratch"}
+    assert _stages_run(again) == {"train", "evaluate@scratch", "export@scratch"}
     assert json.loads((repo / "dvclive" / "scratch" / "metrics.json").read_text())["step"] == 3
     assert not state.parent.exists()
     assert "Data and pipelines are up to date" in _run(["dvc", "status"], repo).stdout

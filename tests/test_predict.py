@@ -102,3 +102,19 @@ def test_a_missing_model_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "nope.keras"), "x.png"])
     assert exit_info.value.code == 2 and "no such model file" in capsys.readouterr().err
+
+
+def test_an_exported_saved_model_predicts_like_the_keras_file_with_the_exports_class_names(saved, capsys, tmp_path):
+    from cifar_pipeline.export import write_saved_model
+
+    root, model = saved
+    write_saved_model(model, tmp_path / "export" / "saved_model")
+    names = [f"thing{i}" for i in range(10)]
+    (tmp_path / "export" / "class_names.json").write_text(json.dumps(names))
+    files = [root / "gray.jpg", root / "rgba.png"]
+    expected = model.predict(np.stack([load_image(path) for path in files]), verbose=0)
+    for target in (tmp_path / "export", tmp_path / "export" / "saved_model"):
+        assert main([str(target), *map(str, files), "--top-k", "10", "--json"]) == 0
+        for result, probabilities in zip(json.loads(capsys.readouterr().out), expected):
+            got = {p["class"]: p["probability"] for p in result["top"]}
+            assert got == pytest.approx({names[i]: float(p) for i, p in enumerate(probabilities)}, abs=1e-4)

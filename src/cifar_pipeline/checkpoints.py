@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import shutil
 import time
@@ -23,6 +24,8 @@ from pathlib import Path
 import keras
 
 from cifar_pipeline import atomic
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 
@@ -76,9 +79,9 @@ class EpochState(keras.callbacks.Callback):
             return None
         state = json.loads((self.directory / STATE_FILE).read_text())
         if state.get("fingerprint") != self.fingerprint:
-            print(f"{self.directory}: checkpoint from other settings; starting over")
+            log.info(f"{self.directory}: checkpoint from other settings; starting over")
             return None
-        print(f"{self.directory}: resuming after epoch {len(state['epochs'])}")
+        log.info(f"{self.directory}: resuming after epoch {len(state['epochs'])}")
         return state
 
     def history(self) -> dict[str, list[float]]:

@@ -14,12 +14,15 @@ hold for any number of devices.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import tensorflow as tf
 
 from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.params import STRATEGIES
+
+log = logging.getLogger(__name__)
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -30,7 +33,7 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     if name == "multi_worker":  # before anything that starts TensorFlow's runtime
         config = _tf_config_cluster()
         processes = sum(len(config["cluster"].get(job, [])) for job in ("chief", "worker"))
-        print(f"train: {config['task']['type']} {config['task']['index']} of {processes} processes")
+        log.info(f"train: {config['task']['type']} {config['task']['index']} of {processes} processes")
         return _MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":

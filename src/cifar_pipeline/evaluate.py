@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import keras
 import numpy as np
-from sklearn.metrics import classification_report, confusion_matrix, log_loss
+from sklearn.metrics import classification_report, confusion_matrix, log_loss, top_k_accuracy_score
 
 from cifar_pipeline import atomic, plots
 from cifar_pipeline.errors import PipelineError
@@ -19,6 +20,8 @@ from cifar_pipeline.features import MIRRORED_TEST, extractor_and_head, weights_d
 from cifar_pipeline.params import TTA_MODES
 from cifar_pipeline.prepare import load_meta, load_split
 from cifar_pipeline.saved_models import load_model
+
+log = logging.getLogger(__name__)
 
 
 def _shift(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
@@ -66,10 +69,10 @@ def cached_feature_probs(model: keras.Model, features_dir: Path, batch_size: int
         return None
     extractor, head = parts
     if json.loads(meta_path.read_text()).get("extractor_weights") != weights_digest(extractor):
-        print(f"evaluate: the model's feature extractor is not the one whose features are in {features_dir} "
+        log.warning(f"evaluate: the model's feature extractor is not the one whose features are in {features_dir} "
               "(fine-tuned?): running it on the test images")
         return None
-    print(f"evaluate: scoring the head on the cached test features in {features_dir}")
+    log.info(f"evaluate: scoring the head on the cached test features in {features_dir}")
     return _view_average(head, [np.load(Path(features_dir) / f"{view}.npy") for view in views], batch_size)
 
 
@@ -87,8 +90,7 @@ def score(labels: np.ndarray, probs: np.ndarray, class_names: list[str]) -> dict
                       for name in class_names},
     }
     if len(class_names) > 5:
-        top5 = np.argsort(probs, axis=1)[:, -5:]
-        metrics["top5_accuracy"] = round(float((top5 == labels[:, None]).any(axis=1).mean()), 4)
+        metrics["top5_accuracy"] = round(float(top_k_accuracy_score(labels, probs, k=5, labels=classes)), 4)
     return metrics
 
 

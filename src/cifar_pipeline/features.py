@@ -8,6 +8,7 @@ vectors are kept.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from cifar_pipeline import atomic
 from cifar_pipeline.backbones import build_feature_extractor
 from cifar_pipeline.keras_save import save_model
 from cifar_pipeline.prepare import SPLITS, load_split
+
+log = logging.getLogger(__name__)
 
 
 # The features of the training images' mirror images, when transfer.mirrored_train asks for them.
@@ -65,7 +68,7 @@ def extract_features(*, prepared_dir: Path, features_dir: Path, extractor_path: 
         seconds = time.perf_counter() - start
         stats[name] = {"images": len(images), "seconds": round(seconds, 1),
                        "images_per_s": round(len(images) / seconds, 1)}
-        print(f"features: {name}: {len(images)} images in {seconds:.1f}s "
+        log.info(f"features: {name}: {len(images)} images in {seconds:.1f}s "
               f"({len(images) / seconds:.0f} images/s), shape {arrays[name].shape}")
     atomic.save_arrays(features_dir, arrays, {"backbone": backbone, "image_size": image_size, "weights": weights,
                                               "mid_level_features": mid_level_features,

@@ -10,6 +10,7 @@ on the first try (no network) fails at once, saying how to use a local copy.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ from tqdm import tqdm
 from urllib3.exceptions import NewConnectionError  # name not resolved, or refused
 
 from cifar_pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 OFFICIAL = {
     "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -129,7 +132,7 @@ def _download(url: str, md5: str, part: Path, timeout_s: float, retries: int, pr
     for attempt in range(retries + 1):
         if attempt:
             delay = min(2.0 ** (attempt - 1), 30.0)
-            print(f"fetch: attempt {attempt} failed ({last_error}); retrying in {delay:.0f}s")
+            log.warning(f"fetch: attempt {attempt} failed ({last_error}); retrying in {delay:.0f}s")
             time.sleep(delay)
         try:
             _download_once(url, part, timeout_s, progress)

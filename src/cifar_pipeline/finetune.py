@@ -12,6 +12,7 @@ every epoch, so a killed run resumes where it stopped.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import keras
@@ -24,6 +25,8 @@ from cifar_pipeline.keras_save import save_model
 from cifar_pipeline.prepare import load_meta
 from cifar_pipeline.saved_models import load_model
 from cifar_pipeline.train import compute_policy, fit, learning_rate, make_optimizer
+
+log = logging.getLogger(__name__)
 
 # The output layer stays float32 under any policy (a softmax in 16 bits loses small probabilities).
 OUTPUT_LAYER = "probabilities"
@@ -98,12 +101,12 @@ def finetune(*, head_model_path: Path, records_dir: Path, prepared_dir: Path, mo
         raise PipelineError(f"{head_model_path} has a head without trainable weights (head.kind = random_forest?): "
                             "fine-tuning needs a head trained by gradient descent (head.kind dense or logistic)")
     tuned = unfreeze(model, layers)
-    print(f"finetune: {len(tuned)} backbone layers ({tuned[0]} .. {tuned[-1]}) + head, in {policy}, "
+    log.info(f"finetune: {len(tuned)} backbone layers ({tuned[0]} .. {tuned[-1]}) + head, in {policy}, "
           f"peak lr {lr}, {epochs} epochs")
-    steps = sum(records.shard_sizes(records_dir, "train")) // batch_size
+    train_records = sum(records.shard_sizes(records_dir, "train"))
+    steps = train_records // batch_size
     if steps == 0:
-        raise PipelineError(f"finetune.batch_size = {batch_size} exceeds the "
-                            f"{sum(records.shard_sizes(records_dir, 'train'))} training records")
+        raise PipelineError(f"finetune.batch_size = {batch_size} exceeds the {train_records} training records")
     # A checkpoint resumes only from the same starting weights: a new head starts over.
     start = hashlib.sha256(Path(head_model_path).read_bytes()).hexdigest()
     settings = checkpoints.fingerprint(arguments, policy, start, records.read_info(records_dir))

@@ -2,17 +2,17 @@
 
 Every stage validates the whole file (not only its own section), so a typo
 anywhere is caught by the first stage that runs, with a one-line message that
-names the key, the value and what is allowed.
+names the key, the value and what is allowed. The sections are pydantic models
+(strict: no string for a number, no `true` for a count); `json_schema()` is the
+JSON schema of the whole file, kept as `params.schema.json` for editors.
 """
 from __future__ import annotations
 
-import math
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cifar_pipeline.errors import PipelineError
 
@@ -34,185 +34,193 @@ class ParamsError(PipelineError, ValueError):
     """A value in params.yaml is missing, unknown, of the wrong type or out of range."""
 
 
-@dataclass(frozen=True)
-class Spec:
-    """What one key accepts. `kind` is int, float, bool, str or choice; `choices` of another
-    kind are words accepted besides its values (finetune.layers: a count or `all`)."""
-
-    kind: str
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False  # True: the value must be strictly greater than `low`
-    choices: tuple = ()
-    nullable: bool = False
-    pattern: str | None = None
-
-    def describe(self) -> str:
-        if self.kind == "choice":
-            allowed = "one of " + ", ".join(map(str, self.choices))
-        elif self.kind in ("int", "float"):
-            noun = "an integer" if self.kind == "int" else "a number"
-            parts = []
-            if self.low is not None:
-                parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
-            if self.high is not None:
-                parts.append(f"<= {self.high:g}")
-            allowed = noun + (" " + " and ".join(parts) if parts else "")
-            allowed += "".join(f" or {choice}" for choice in self.choices)
-        elif self.kind == "str" and self.pattern:
-            allowed = f"a string matching {self.pattern}"
-        else:
-            allowed = {"bool": "true or false", "str": "a string"}[self.kind]
-        return allowed + (" or null" if self.nullable else "")
-
-    def accepts(self, value: Any) -> bool:
-        if value is None:
-            return self.nullable
-        if self.kind == "choice" or value in self.choices:
-            return value in self.choices
-        if self.kind == "bool":
-            return isinstance(value, bool)
-        if self.kind == "str":
-            return isinstance(value, str) and (self.pattern is None or re.fullmatch(self.pattern, value) is not None)
-        # YAML reads `true` as bool, a subclass of int: never let it pass as a number.
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False
-        if self.kind == "int" and not isinstance(value, int):
-            return False
-        if not math.isfinite(value):
-            return False
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            return False
-        return self.high is None or value <= self.high
+def _range(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
+    bounds = {} if low is None else ({"gt": low} if low_open else {"ge": low})
+    return Annotated[kind, Field(**bounds, **({} if high is None else {"le": high}))]
 
 
-def _int(low=None, high=None, **kw):
-    return Spec("int", low=low, high=high, **kw)
+def _one_of(*values: str):
+    return Literal[values]  # Literal["a", "b"] from a tuple of names
 
 
-def _float(low=None, high=None, **kw):
-    return Spec("float", low=low, high=high, **kw)
+Seed = _range(int, 0, 2**31 - 1)
+Precision = _one_of(*PRECISIONS)
+Tta = _one_of(*TTA_MODES)
 
 
-def _choice(*choices):
-    return Spec("choice", choices=choices)
+class Section(BaseModel):
+    # strict: YAML's `true` is not a count, "0.1" is not a number; extra: a typo is an error.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
-SEED = _int(0, 2**31 - 1)
+class Data(Section):
+    dataset: Literal["cifar10", "cifar100"]
+    label_mode: Literal["fine", "coarse"]
+    url: str | None
+    md5: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] | None
+    val_fraction: _range(float, 0, 0.5, low_open=True)
+    limit: _range(int, 20) | None
+    seed: Seed
 
-SCHEMA: dict[str, dict[str, Spec]] = {
-    "data": {
-        "dataset": _choice("cifar10", "cifar100"),
-        "label_mode": _choice("fine", "coarse"),
-        "url": Spec("str", nullable=True),
-        "md5": Spec("str", nullable=True, pattern=r"[0-9a-f]{32}"),
-        "val_fraction": _float(0, 0.5, low_open=True),
-        "limit": _int(20, nullable=True),
-        "seed": SEED,
-    },
-    "fetch": {
-        "timeout_s": _float(0, 3600, low_open=True),
-        "retries": _int(0, 20),
-    },
-    "augment": {
-        "copies": _int(0, 10),
-        "flip": Spec("bool"),
-        "shift": _float(0, 0.5),
-        "rotation_deg": _float(0, 180),
-        "zoom": _float(0, 0.5),
-        "shards": _int(1, 1024),
-        "seed": SEED,
-    },
-    "train": {
-        "arch": _choice(*ARCHITECTURES),
-        "fast_width": _int(8, 1024),
-        "epochs": _int(1, 1000),
-        "batch_size": _int(1, 8192),
-        "optimizer": _choice("sgd", "adamw"),
-        "lr": _float(0, 10, low_open=True),
-        "momentum": _float(0, 0.999),
-        "weight_decay": _float(0, 1),
-        "label_smoothing": _float(0, 0.5),
-        "schedule": _choice(*SCHEDULES),
-        "warmup_epochs": _float(0, 100),
-        "patience": _int(1, 1000),
-        "online_flip": _choice(*FLIP_MODES),
-        "online_shift_px": _int(0, 8),
-        "online_cutout_px": _int(0, 32),
-        "fit_on": _choice(*FIT_ON),
-        "precision": _choice(*PRECISIONS),
-        "deterministic": Spec("bool"),
-        "strategy": _choice(*STRATEGIES),
-        "seed": SEED,
-    },
-    "transfer": {
-        "backbone": _choice(*BACKBONES),
-        "weights": Spec("str"),
-        "image_size": _int(32, 600),
-        "mid_level_features": Spec("bool"),
-        "mirrored_train": Spec("bool"),
-        "batch_size": _int(1, 4096),
-        "seed": SEED,
-    },
-    "head": {
-        "kind": _choice("dense", "logistic", "random_forest"),
-        "units": _int(1, 8192),
-        "dropout": _float(0, 0.9),
-        "label_smoothing": _float(0, 0.5),
-        "lr": _float(0, 10, low_open=True),
-        "weight_decay": _float(0, 1),
-        "epochs": _int(1, 10000),
-        "batch_size": _int(1, 65536),
-        "schedule": _choice(*SCHEDULES),
-        "patience": _int(1, 1000),
-        "trees": _int(1, 10000),
-        "min_samples_leaf": _int(1, 100000),
-        "seed": SEED,
-    },
-    "finetune": {
-        "layers": _int(1, 10000, choices=("all",)),
-        "epochs": _int(1, 1000),
-        "batch_size": _int(1, 8192),
-        "lr": _float(0, 10, low_open=True),
-        "warmup_epochs": _float(0, 100),
-        "weight_decay": _float(0, 1),
-        "label_smoothing": _float(0, 0.5),
-        "online_shift_px": _int(0, 8),
-        "precision": _choice(*PRECISIONS),
-        "seed": SEED,
-    },
-    "evaluate": {
-        "batch_size": _int(1, 65536),
-        "tta_scratch": _choice(*TTA_MODES),
-        "tta_head": _choice(*TTA_MODES),
-        "tta_transfer": _choice(*TTA_MODES),
-        "misclassified": _int(0, 100),
-        "confused_pairs": _int(0, 10000),
-    },
-}
+
+class Fetch(Section):
+    timeout_s: _range(float, 0, 3600, low_open=True)
+    retries: _range(int, 0, 20)
+
+
+class Augment(Section):
+    copies: _range(int, 0, 10)
+    flip: bool
+    shift: _range(float, 0, 0.5)
+    rotation_deg: _range(float, 0, 180)
+    zoom: _range(float, 0, 0.5)
+    shards: _range(int, 1, 1024)
+    seed: Seed
+
+
+class Train(Section):
+    arch: _one_of(*ARCHITECTURES)
+    fast_width: _range(int, 8, 1024)
+    epochs: _range(int, 1, 1000)
+    batch_size: _range(int, 1, 8192)
+    optimizer: Literal["sgd", "adamw"]
+    lr: _range(float, 0, 10, low_open=True)
+    momentum: _range(float, 0, 0.999)
+    weight_decay: _range(float, 0, 1)
+    label_smoothing: _range(float, 0, 0.5)
+    schedule: _one_of(*SCHEDULES)
+    warmup_epochs: _range(float, 0, 100)
+    patience: _range(int, 1, 1000)
+    online_flip: _one_of(*FLIP_MODES)
+    online_shift_px: _range(int, 0, 8)
+    online_cutout_px: _range(int, 0, 32)
+    fit_on: _one_of(*FIT_ON)
+    precision: Precision
+    deterministic: bool
+    strategy: _one_of(*STRATEGIES)
+    seed: Seed
+
+
+class Transfer(Section):
+    backbone: _one_of(*BACKBONES)
+    weights: str
+    image_size: _range(int, 32, 600)
+    mid_level_features: bool
+    mirrored_train: bool
+    batch_size: _range(int, 1, 4096)
+    seed: Seed
+
+
+class Head(Section):
+    kind: Literal["dense", "logistic", "random_forest"]
+    units: _range(int, 1, 8192)
+    dropout: _range(float, 0, 0.9)
+    label_smoothing: _range(float, 0, 0.5)
+    lr: _range(float, 0, 10, low_open=True)
+    weight_decay: _range(float, 0, 1)
+    epochs: _range(int, 1, 10000)
+    batch_size: _range(int, 1, 65536)
+    schedule: _one_of(*SCHEDULES)
+    patience: _range(int, 1, 1000)
+    trees: _range(int, 1, 10000)
+    min_samples_leaf: _range(int, 1, 100000)
+    seed: Seed
+
+
+class Finetune(Section):
+    layers: _range(int, 1, 10000) | Literal["all"]
+    epochs: _range(int, 1, 1000)
+    batch_size: _range(int, 1, 8192)
+    lr: _range(float, 0, 10, low_open=True)
+    warmup_epochs: _range(float, 0, 100)
+    weight_decay: _range(float, 0, 1)
+    label_smoothing: _range(float, 0, 0.5)
+    online_shift_px: _range(int, 0, 8)
+    precision: Precision
+    seed: Seed
+
+
+class Evaluate(Section):
+    batch_size: _range(int, 1, 65536)
+    tta_scratch: Tta
+    tta_head: Tta
+    tta_transfer: Tta
+    misclassified: _range(int, 0, 100)
+    confused_pairs: _range(int, 0, 10000)
+
+
+class Export(Section):
+    onnx: bool
+    litert: bool
+    tolerance: _range(float, 0, 1, low_open=True)
+    min_agreement: _range(float, 0, 1)
+    batch_size: _range(int, 1, 65536)
+
+
+class Params(Section):
+    data: Data
+    fetch: Fetch
+    augment: Augment
+    train: Train
+    transfer: Transfer
+    head: Head
+    finetune: Finetune
+    evaluate: Evaluate
+    export: Export
+
+
+def json_schema() -> dict:
+    """The JSON schema of params.yaml (params.schema.json; editors validate and complete with it)."""
+    return Params.model_json_schema()
+
+
+def _describe(schema: dict) -> str:
+    """What a field's JSON schema allows, in words: 'an integer >= 1', 'one of a, b', ..."""
+    if "anyOf" in schema:
+        return " or ".join(_describe(option) for option in schema["anyOf"])
+    if "enum" in schema or "const" in schema:
+        values = schema.get("enum", [schema.get("const")])
+        return ("one of " if len(values) > 1 else "") + ", ".join(map(str, values))
+    kind = schema.get("type")
+    if kind in ("integer", "number"):
+        parts = [f"{symbol} {schema[key]:g}" for key, symbol in
+                 (("exclusiveMinimum", ">"), ("minimum", ">="), ("maximum", "<=")) if key in schema]
+        return ("an integer" if kind == "integer" else "a number") + (" " + " and ".join(parts) if parts else "")
+    if kind == "string":
+        return f"a string matching {schema['pattern'].strip('^$')}" if "pattern" in schema else "a string"
+    return {"boolean": "true or false", "null": "null"}.get(kind, str(kind))
+
+
+def _field_schema(section: str, key: str) -> dict:
+    schema = json_schema()
+    name = schema["properties"][section]["$ref"].rsplit("/", 1)[-1]
+    return schema["$defs"][name]["properties"][key]
+
+
+def _message(error: dict, source: str) -> str:
+    location = [str(part) for part in error["loc"]]
+    if error["type"] == "extra_forbidden":
+        if len(location) == 1:
+            return f"{source}: unknown section {location[0]!r}; allowed: {', '.join(Params.model_fields)}"
+        section_fields = Params.model_fields[location[0]].annotation.model_fields
+        return f"{source}: unknown key {'.'.join(location[:2])}; allowed: {', '.join(section_fields)}"
+    if len(location) == 1:
+        return f"{source}: section {location[0]!r} is missing or not a mapping"
+    section, key = location[:2]
+    allowed = _describe(_field_schema(section, key))
+    if error["type"] == "missing":
+        return f"{source}: missing key {section}.{key} ({allowed})"
+    return f"{source}: {section}.{key} = {error['input']!r} is invalid; allowed: {allowed}"
 
 
 def validate(params: Any, source: str = "params.yaml") -> dict:
     """Return `params` unchanged if every section and key is known and valid."""
     if not isinstance(params, dict):
         raise ParamsError(f"{source}: expected a mapping of sections, got {type(params).__name__}")
-    for section in params:
-        if section not in SCHEMA:
-            raise ParamsError(f"{source}: unknown section {section!r}; allowed: {', '.join(SCHEMA)}")
-    for section, specs in SCHEMA.items():
-        values = params.get(section)
-        if not isinstance(values, dict):
-            raise ParamsError(f"{source}: section {section!r} is missing or not a mapping")
-        for key in values:
-            if key not in specs:
-                raise ParamsError(
-                    f"{source}: unknown key {section}.{key}; allowed: {', '.join(specs)}")
-        for key, spec in specs.items():
-            if key not in values:
-                raise ParamsError(f"{source}: missing key {section}.{key} ({spec.describe()})")
-            if not spec.accepts(values[key]):
-                raise ParamsError(
-                    f"{source}: {section}.{key} = {values[key]!r} is invalid; allowed: {spec.describe()}")
+    try:
+        Params.model_validate(params)
+    except ValidationError as err:
+        raise ParamsError(_message(err.errors()[0], source)) from None
     return params
 
 
@@ -226,3 +234,9 @@ def load(path: str | Path = "params.yaml") -> dict:
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     return validate(params, str(path))
+
+
+if __name__ == "__main__":  # python -m cifar_pipeline.params > params.schema.json
+    import json
+
+    print(json.dumps(json_schema(), indent=2))

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # stages run headless
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 from cifar_pipeline import atomic  # noqa: E402
 
@@ -86,7 +87,8 @@ def learning_curves(history: dict, title: str, path: Path, x_label: str = "epoch
 
 def confusion_heatmap(matrix: np.ndarray, class_names: list[str], title: str, path: Path,
                       groups: list[str] | None = None) -> None:
-    """Row-normalised confusion matrix (recall per true class), with counts for small class sets.
+    """Row-normalised confusion matrix (recall per true class; the rates written in each cell
+    for small class sets), drawn by scikit-learn's ConfusionMatrixDisplay.
 
     `groups` (the superclass of each class, in matrix order) draws a box around
     each run of equal groups and names it, so within-superclass errors stand out.
@@ -95,19 +97,15 @@ def confusion_heatmap(matrix: np.ndarray, class_names: list[str], title: str, pa
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     size = max(6.0, n * 0.12 + 4)
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
-    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
-    ticks = np.arange(n)
     label_size = 8 if n <= 20 else 4
-    ax.set_xticks(ticks, class_names, rotation=90, fontsize=label_size)
-    ax.set_yticks(ticks, class_names, fontsize=label_size)
+    display = ConfusionMatrixDisplay(rates, display_labels=class_names)
+    display.plot(ax=ax, cmap="Blues", include_values=n <= 20, values_format=".2f", xticks_rotation="vertical",
+                 colorbar=False, im_kw={"vmin": 0, "vmax": 1},
+                 text_kw={"fontsize": 7})
+    fig.colorbar(display.im_, ax=ax, fraction=0.046, label="fraction of the true class")
+    ax.tick_params(labelsize=label_size)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    if n <= 20:
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if rates[i, j] > 0.5 else "black")
     if groups:
         starts = [k for k in range(n) if k == 0 or groups[k] != groups[k - 1]]
         for start, end in zip(starts, starts[1:] + [n]):

@@ -1,6 +1,7 @@
 """Train a CNN from scratch on the cached TFRecords and save it as `.keras`."""
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from cifar_pipeline.keras_save import save_model
 from cifar_pipeline.models import build_model
 from cifar_pipeline.prepare import load_meta, load_split
 from cifar_pipeline.train import compute_policy, fit, learning_rate, make_optimizer
+
+log = logging.getLogger(__name__)
 
 WHITENING_SAMPLE = 5000
 
@@ -52,7 +55,7 @@ def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, li
                             + (f" ({workers} workers)" if workers > 1 else ""))
     policy = compute_policy(precision)
     keras.mixed_precision.set_global_policy(policy)
-    print(f"train: {arch} in {policy}" + (f" on {replicas} replicas" if replicas > 1 else ""))
+    log.info(f"train: {arch} in {policy}" + (f" on {replicas} replicas" if replicas > 1 else ""))
     # A few thousand images estimate the 12x12 patch covariance of a whitening stem well.
     sample = np.asarray(load_split(prepared_dir, "train", mmap=True).images[:WHITENING_SAMPLE])
 

@@ -1,9 +1,19 @@
-"""What every stage script shares: params loading, seeding and error reporting."""
+"""What every stage script shares: params loading, seeding, logging and error reporting.
+
+Imported first by every stage script, before anything imports TensorFlow.
+"""
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from typing import Callable
+
+# oneDNN kernels made training 2-4x faster on the 2-core CPUs measured (docs/speed.md), but
+# TensorFlow does not enable them by itself there; it reads this once, when first imported.
+# Set here, in what the stage scripts import, not by the library for every program using it.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from cifar_pipeline import params as params_lib
 from cifar_pipeline.errors import PipelineError
@@ -32,7 +42,9 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
 
 
 def run(main: Callable[[], None]) -> None:
-    """Run a stage's main; report a user-fixable error in one line and exit 1."""
+    """Run a stage's main, its library's log lines on stdout; report a user-fixable error in
+    one line and exit 1."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
         main()
     except (PipelineError, FileNotFoundError) as err:

@@ -1,0 +1,146 @@
+"""Export a trained model for serving: TensorFlow SavedModel, ONNX and LiteRT, each checked.
+
+Every format takes a batch of uint8 RGB images (N, 32, 32, 3) and returns float32 class
+probabilities (N, classes); `class_names.json` beside them names the classes.
+
+- `saved_model/`: the trained model's own graph (TensorFlow Serving, `tf.saved_model.load`),
+  signature `serving_default`, input `image`, output `probabilities`; it predicts what the
+  `.keras` file does, and loads where this package is not installed.
+- `model.onnx` (ONNX Runtime) and `model.tflite` (LiteRT) are converted from the model
+  rebuilt as float32 standard layers (portable.py), as their converters reject the fast
+  net's layers and mixed precision.
+
+Each file is run in its own runtime on the test images (its accuracy on them recorded, one view
+per image) and compared with the Keras graph it was made from (largest probability difference, at most `tolerance`) and with the trained
+model (share of images with the same top-1 class, at least `min_agreement`; below 1 only
+where the trained model computes in bfloat16 or float16).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cifar_pipeline.atomic import write_json
+from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.portable import standard_graph
+from cifar_pipeline.prepare import load_meta, load_split
+from cifar_pipeline.saved_models import load_model
+
+SIGNATURE = "serving_default"
+OUTPUT = "probabilities"
+
+
+def write_saved_model(model: keras.Model, path: Path) -> None:
+    """`model` as a SavedModel whose serving signature maps uint8 `image` to `probabilities`."""
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    def serve(image):
+        return {OUTPUT: model(image, training=False)}
+
+    spec = tf.TensorSpec((None, 32, 32, 3), tf.uint8, name="image")
+    archive.add_endpoint(name=SIGNATURE, fn=serve, input_signature=[spec])
+    archive.write_out(str(path), verbose=False)
+
+
+def _batches(images: np.ndarray, batch_size: int):
+    for start in range(0, len(images), batch_size):
+        yield images[start:start + batch_size]
+
+
+def run_saved_model(path: Path, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    serve = tf.saved_model.load(str(path)).signatures[SIGNATURE]
+    return np.concatenate([serve(image=tf.constant(batch))[OUTPUT].numpy() for batch in _batches(images, batch_size)])
+
+
+def run_onnx(path: Path, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: batch})[0] for batch in _batches(images, batch_size)])
+
+
+def run_litert(path: Path, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
+    outputs = []
+    for batch in _batches(images, batch_size):
+        interpreter.resize_tensor_input(source["index"], batch.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(source["index"], batch)
+        interpreter.invoke()
+        outputs.append(interpreter.get_tensor(target["index"]).copy())
+    return np.concatenate(outputs)
+
+
+def _check(name: str, got: np.ndarray, source: np.ndarray, trained: np.ndarray, labels: np.ndarray,
+           tolerance: float, min_agreement: float, seconds: float, path: Path) -> dict:
+    difference = float(np.abs(got - source).max())
+    agreement = float((got.argmax(1) == trained.argmax(1)).mean())
+    if not difference <= tolerance:  # also catches NaN
+        raise PipelineError(f"export: {name} differs from the Keras graph it was made from by {difference:.2e} "
+                            f"(export.tolerance = {tolerance:g})")
+    if agreement < min_agreement:
+        raise PipelineError(f"export: {name} gives the trained model's top-1 class on {agreement:.2%} of the test "
+                            f"images (export.min_agreement = {min_agreement:g})")
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    # One view per image: evaluate's figures include test-time augmentation, a served model has none.
+    return {"test_accuracy": round(float((got.argmax(1) == labels).mean()), 4),
+            "max_probability_difference": difference, "top1_agreement": round(agreement, 6),
+            "export_s": round(seconds, 2), "megabytes": round(size / 1e6, 2)}
+
+
+def export(*, model_path: Path, prepared_dir: Path, out_dir: Path, metrics_path: Path, onnx: bool, litert: bool,
+           tolerance: float, min_agreement: float, batch_size: int) -> dict:
+    """Write `out_dir` (saved_model/, model.onnx, model.tflite, class_names.json), each file
+    checked on the test images as the module says; write the checks to `metrics_path`."""
+    model = load_model(model_path)
+    names = load_meta(prepared_dir)["class_names"]
+    if model.output_shape[-1] != len(names):
+        raise PipelineError(f"{model_path} predicts {model.output_shape[-1]} classes but {prepared_dir} names "
+                            f"{len(names)}")
+    test = load_split(prepared_dir, "test")
+    images = test.images
+    trained = model.predict(images, batch_size=batch_size, verbose=0)
+    # Written beside out_dir and moved into place at the end: a failed check leaves no half export.
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        (work / "class_names.json").write_text(json.dumps(names, indent=2) + "\n")
+        start = time.perf_counter()
+        write_saved_model(model, work / "saved_model")
+        seconds = time.perf_counter() - start
+        report = {"saved_model": _check("saved_model", run_saved_model(work / "saved_model", images, batch_size),
+                                        trained, trained, test.labels, tolerance, min_agreement, seconds,
+                                        work / "saved_model")}
+        if onnx or litert:
+            start = time.perf_counter()
+            portable = standard_graph(model)
+            rebuilt_s = time.perf_counter() - start
+            source = portable.predict(images, batch_size=batch_size, verbose=0)
+            for enabled, fmt, file, runner in ((onnx, "onnx", "model.onnx", run_onnx),
+                                               (litert, "litert", "model.tflite", run_litert)):
+                if not enabled:
+                    continue
+                start = time.perf_counter()
+                portable.export(str(work / file), format=fmt, verbose=False)
+                seconds = rebuilt_s + time.perf_counter() - start
+                report[fmt] = _check(fmt, runner(work / file, images, batch_size), source, trained, test.labels,
+                                     tolerance, min_agreement, seconds, work / file)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        work.rename(out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    write_json(metrics_path, report)
+    return report
