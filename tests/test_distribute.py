@@ -26,8 +26,9 @@ PROJECT = Path(__file__).resolve().parents[1]
 # per replica), so one device and two replicas compute the same steps. One MirroredStrategy a
 # process, as in a stage: two in one process would reuse each other's collective-op keys.
 MIRRORED = """
-import json, sys
+import json, logging, sys
 from pathlib import Path
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # as a stage logs
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
