@@ -70,9 +70,7 @@ def describe_failure(err: Exception) -> str:
     """One line for the error output: why a file was not classified."""
     if isinstance(err, UnidentifiedImageError):
         return "not an image"
-    if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return f"refused: {err}"
-    if isinstance(err, UnsafeImage):
+    if isinstance(err, (UnsafeImage, Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return f"refused: {err}"
     if isinstance(err, OSError) and not err.args[1:]:  # Pillow's own OSErrors: truncated or broken data
         return f"unreadable image data: {err}"
