@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import keras
 import numpy as np
@@ -55,9 +56,15 @@ def _batches(images: np.ndarray, batch_size: int):
         yield images[start:start + batch_size]
 
 
-def run_saved_model(path: Path, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+def saved_model_predictor(path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
+    """(uint8 images -> probabilities, number of classes) of a SavedModel written by write_saved_model."""
     serve = tf.saved_model.load(str(path)).signatures[SIGNATURE]
-    return np.concatenate([serve(image=tf.constant(batch))[OUTPUT].numpy() for batch in _batches(images, batch_size)])
+    return (lambda images: serve(image=tf.constant(images))[OUTPUT].numpy()), serve.structured_outputs[OUTPUT].shape[-1]
+
+
+def run_saved_model(path: Path, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    predict, _ = saved_model_predictor(path)
+    return np.concatenate([predict(batch) for batch in _batches(images, batch_size)])
 
 
 def run_onnx(path: Path, images: np.ndarray, batch_size: int = 500) -> np.ndarray:

@@ -119,14 +119,10 @@ def load_predictor(path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], int,
 
         model = load_model(path)
         return (lambda images: model.predict(images, verbose=0)), model.output_shape[-1], None
-    import tensorflow as tf
+    from cifar_pipeline.export import saved_model_predictor
 
-    from cifar_pipeline.export import OUTPUT, SIGNATURE
-
-    serve = tf.saved_model.load(str(exported)).signatures[SIGNATURE]
-    classes = serve.structured_outputs[OUTPUT].shape[-1]
-    return (lambda images: serve(image=tf.constant(images))[OUTPUT].numpy()), classes, \
-        exported.parent / "class_names.json"
+    predict, classes = saved_model_predictor(exported)
+    return predict, classes, exported.parent / "class_names.json"
 
 
 def top_k(probabilities: np.ndarray, names: list[str], k: int) -> list[dict]:
