@@ -41,10 +41,11 @@ def backbone_of(model: keras.Model) -> keras.Model:
     return inner[0]
 
 
-def unfreeze(model: keras.Model, count: int | str) -> list[str]:
+def unfreeze(model: keras.Model, count: int | str, depthwise: bool = True) -> list[str]:
     """Make the last `count` ("all": every one) layers with weights of the backbone inside
     `model` trainable and the rest of it frozen; BatchNormalization layers always stay
-    frozen, hence in inference mode. Return the trainable layers' names."""
+    frozen, hence in inference mode, and with `depthwise` False so do the depthwise
+    convolutions among them. Return the trainable layers' names."""
     backbone = backbone_of(model)
     weighted = [layer for layer in backbone.layers
                 if layer.weights and not isinstance(layer, layers.BatchNormalization)]
@@ -55,9 +56,13 @@ def unfreeze(model: keras.Model, count: int | str) -> list[str]:
     backbone.trainable = True
     for layer in backbone.layers:
         layer.trainable = False
-    for layer in weighted[len(weighted) - count:]:
+    # A frozen depthwise kernel skips its weight gradient, the costliest op of a CPU training
+    # step (TensorFlow's depthwise filter backprop), while the gradient still flows through it.
+    tuned = [layer for layer in weighted[len(weighted) - count:]
+             if depthwise or not isinstance(layer, layers.DepthwiseConv2D)]
+    for layer in tuned:
         layer.trainable = True
-    return [layer.name for layer in weighted[len(weighted) - count:]]
+    return [layer.name for layer in tuned]
 
 
 def with_policy(model: keras.Model, policy: str) -> keras.Model:
@@ -84,7 +89,7 @@ def with_policy(model: keras.Model, policy: str) -> keras.Model:
 
 
 def finetune(*, head_model_path: Path, records_dir: Path, prepared_dir: Path, model_path: Path, live_dir: Path,
-             checkpoint_dir: Path | None, layers: int | str, epochs: int, batch_size: int, lr: float,
+             checkpoint_dir: Path | None, layers: int | str, depthwise: bool, epochs: int, batch_size: int, lr: float,
              warmup_epochs: float, weight_decay: float, label_smoothing: float, online_shift_px: int,
              precision: str, seed: int) -> dict:
     """Fine-tune the transfer model saved by train_head on the training split, keeping the
@@ -100,7 +105,7 @@ def finetune(*, head_model_path: Path, records_dir: Path, prepared_dir: Path, mo
     if head is not None and not head[1].trainable_weights:
         raise PipelineError(f"{head_model_path} has a head without trainable weights (head.kind = random_forest?): "
                             "fine-tuning needs a head trained by gradient descent (head.kind dense or logistic)")
-    tuned = unfreeze(model, layers)
+    tuned = unfreeze(model, layers, depthwise)
     log.info(f"finetune: {len(tuned)} backbone layers ({tuned[0]} .. {tuned[-1]}) + head, in {policy}, "
           f"peak lr {lr}, {epochs} epochs")
     train_records = sum(records.shard_sizes(records_dir, "train"))

@@ -129,6 +129,7 @@ class Head(Section):
 
 class Finetune(Section):
     layers: _range(int, 1, 10000) | Literal["all"]
+    depthwise: bool
     epochs: _range(int, 1, 1000)
     batch_size: _range(int, 1, 8192)
     lr: _range(float, 0, 10, low_open=True)
