@@ -26,8 +26,8 @@ from cifar_pipeline.saved_models import load_model
 from stage_runs import epochs_saved, finish
 
 PROJECT = Path(__file__).resolve().parents[1]
-SETTINGS = dict(layers="all", depthwise=True, epochs=2, batch_size=16, lr=1e-3, warmup_epochs=0.5, weight_decay=0.05,
-                label_smoothing=0.1, online_shift_px=2, precision="float32", seed=0)
+SETTINGS = dict(layers="all", depthwise=True, epochs=2, batch_size=16, lr=1e-3, warmup_epochs=0.5,
+                weight_decay=0.05, label_smoothing=0.1, online_shift_px=2, precision="float32", seed=0)
 
 
 def _head_model(path: Path, backbone: str = "mobilenet_v2") -> Path:
@@ -74,7 +74,6 @@ def test_full_fine_tuning_trains_every_backbone_layer_but_keeps_batchnorm_as_loa
     np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-5)
 
 
-
 def test_depthwise_kernels_stay_as_loaded_when_not_trained(training_data, head_model, tmp_path):
     _finetune(training_data, head_model, tmp_path, depthwise=False, epochs=1)
     before, after = _backbone_layers(head_model), _backbone_layers(tmp_path / "transfer.keras")
@@ -84,6 +83,7 @@ def test_depthwise_kernels_stay_as_loaded_when_not_trained(training_data, head_m
               if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.DepthwiseConv2D))}
     assert any(isinstance(after[name], keras.layers.DepthwiseConv2D) for name in frozen)
     assert changed == set(after) - frozen  # the layers before them still learn: gradients pass through
+
 
 def test_fine_tuning_the_top_layers_only_and_refusals(training_data, head_model, tmp_path):
     model = load_model(head_model)
