@@ -54,13 +54,18 @@ def _backbone_layers(path: Path) -> dict[str, keras.layers.Layer]:
     return {layer.name: layer for layer in backbone_of(load_model(path)).layers if layer.weights}
 
 
+def _changed_layers(before: dict[str, keras.layers.Layer], after: dict[str, keras.layers.Layer]) -> set[str]:
+    """Names of the layers with any weight (or BatchNorm statistic) that differs between the two."""
+    return {name for name in after
+            if any(not np.array_equal(a, b) for a, b in zip(after[name].get_weights(), before[name].get_weights()))}
+
+
 def test_full_fine_tuning_trains_every_backbone_layer_but_keeps_batchnorm_as_loaded(training_data, head_model,
                                                                                    tmp_path):
     history = _finetune(training_data, head_model, tmp_path)
     assert len(history["val_accuracy"]) == 2 and len(history["learning_rate"]) == 2
     before, after = _backbone_layers(head_model), _backbone_layers(tmp_path / "transfer.keras")
-    changed = {name for name in after
-               if any(not np.array_equal(a, b) for a, b in zip(after[name].get_weights(), before[name].get_weights()))}
+    changed = _changed_layers(before, after)
     batchnorm = {name for name, layer in after.items() if isinstance(layer, keras.layers.BatchNormalization)}
     # Each convolution changed; no BatchNorm did: neither gamma/beta nor the moving statistics.
     assert batchnorm and not changed & batchnorm
@@ -77,8 +82,7 @@ def test_full_fine_tuning_trains_every_backbone_layer_but_keeps_batchnorm_as_loa
 def test_depthwise_kernels_stay_as_loaded_when_not_trained(training_data, head_model, tmp_path):
     _finetune(training_data, head_model, tmp_path, depthwise=False, epochs=1)
     before, after = _backbone_layers(head_model), _backbone_layers(tmp_path / "transfer.keras")
-    changed = {name for name in after
-               if any(not np.array_equal(a, b) for a, b in zip(after[name].get_weights(), before[name].get_weights()))}
+    changed = _changed_layers(before, after)
     frozen = {name for name, layer in after.items()
               if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.DepthwiseConv2D))}
     assert any(isinstance(after[name], keras.layers.DepthwiseConv2D) for name in frozen)

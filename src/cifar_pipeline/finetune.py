@@ -56,8 +56,8 @@ def unfreeze(model: keras.Model, count: int | str, depthwise: bool = True) -> li
     backbone.trainable = True
     for layer in backbone.layers:
         layer.trainable = False
-    # A frozen depthwise kernel skips its weight gradient, the costliest op of a CPU training
-    # step (TensorFlow's depthwise filter backprop), while the gradient still flows through it.
+    # A frozen depthwise kernel skips its weight gradient (TensorFlow's depthwise filter
+    # backprop, slow on CPUs), while the gradient still flows through it.
     tuned = [layer for layer in weighted[len(weighted) - count:]
              if depthwise or not isinstance(layer, layers.DepthwiseConv2D)]
     for layer in tuned:
