@@ -27,7 +27,8 @@ from stage_runs import epochs_saved, finish
 
 PROJECT = Path(__file__).resolve().parents[1]
 SETTINGS = dict(layers="all", depthwise=True, epochs=2, batch_size=16, lr=1e-3, warmup_epochs=0.5,
-                weight_decay=0.05, label_smoothing=0.1, online_shift_px=2, precision="float32", seed=0)
+                weight_decay=0.05, label_smoothing=0.1, online_shift_px=2, online_cutout_px=4,
+                precision="float32", seed=0)
 
 
 def _head_model(path: Path, backbone: str = "mobilenet_v2") -> Path:

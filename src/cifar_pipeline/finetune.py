@@ -91,14 +91,16 @@ def with_policy(model: keras.Model, policy: str) -> keras.Model:
 def finetune(*, head_model_path: Path, records_dir: Path, prepared_dir: Path, model_path: Path, live_dir: Path,
              checkpoint_dir: Path | None, layers: int | str, depthwise: bool, epochs: int, batch_size: int, lr: float,
              warmup_epochs: float, weight_decay: float, label_smoothing: float, online_shift_px: int,
-             precision: str, seed: int) -> dict:
+             online_cutout_px: int, precision: str, seed: int) -> dict:
     """Fine-tune the transfer model saved by train_head on the training split, keeping the
     weights of its best validation epoch; save it to `model_path` and return the history.
-    AdamW, linear warm-up from lr / 10 then cosine decay to 0; random flip and up to
-    `online_shift_px` pixels of shift per image. A run killed after an epoch resumes from
-    `checkpoint_dir` when called again with the same arguments and starting model."""
+    AdamW, linear warm-up from lr / 10 then cosine decay to 0; random flip, up to
+    `online_shift_px` pixels of shift and a cutout square of side `online_cutout_px` (painted
+    with the mean pixel) per image. A run killed after an epoch resumes from `checkpoint_dir`
+    when called again with the same arguments and starting model."""
     arguments = dict(locals())  # first, so it holds exactly the arguments
-    num_classes = len(load_meta(prepared_dir)["class_names"])
+    meta = load_meta(prepared_dir)
+    num_classes = len(meta["class_names"])
     policy = compute_policy(precision)
     model = with_policy(load_model(head_model_path), policy)
     head = extractor_and_head(model)
@@ -118,7 +120,8 @@ def finetune(*, head_model_path: Path, records_dir: Path, prepared_dir: Path, mo
     history = fit(
         model,
         lambda first_epoch: records.training_dataset(records_dir, batch_size, num_classes, seed, "random",
-                                                     online_shift_px, start_epoch=first_epoch),
+                                                     online_shift_px, online_cutout_px,
+                                                     meta["mean"], start_epoch=first_epoch),
         records.eval_dataset(records_dir, "val", max(batch_size, 256), num_classes),
         steps_per_epoch=steps, epochs=epochs,
         optimizer=make_optimizer("adamw", learning_rate("cosine", lr, epochs, steps, warmup_epochs), 0.0,

@@ -137,6 +137,18 @@ def _resnet20(x, num_classes):
     return _classifier(x, num_classes)
 
 
+def _small_cnn(x, num_classes):
+    """The notebooks' first CNN: two plain 3x3 convolutions (32, 64; no padding, no BatchNorm),
+    each followed by 2x2 max pooling, then Dense 128 with dropout 0.5."""
+    for filters in (32, 64):
+        x = layers.Conv2D(filters, 3, activation="relu")(x)
+        x = layers.MaxPooling2D()(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(128, activation="relu")(x)
+    x = layers.Dropout(0.5)(x)
+    return _classifier(x, num_classes)
+
+
 def _ann(x, num_classes):
     """A plain dense network: the baseline every notebook starts from."""
     x = layers.Flatten()(x)
@@ -151,6 +163,7 @@ ARCHITECTURES: dict[str, Callable] = {
     "vgg_mish": _vgg_mish,
     "gap_cnn": _gap_cnn,
     "resnet20": _resnet20,
+    "small_cnn": _small_cnn,
     "ann": _ann,
 }
 

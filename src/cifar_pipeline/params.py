@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cifar_pipeline.errors import PipelineError
 
-ARCHITECTURES = ("fast", "vgg_mish", "gap_cnn", "resnet20", "ann")
+ARCHITECTURES = ("fast", "vgg_mish", "gap_cnn", "resnet20", "small_cnn", "ann")
 BACKBONES = (
     "efficientnet_lite0", "mobilenet_v2", "efficientnet_b0", "efficientnet_b1", "efficientnet_v2_b0",
     "resnet50", "resnet101_v2", "densenet121", "vgg16", "vgg19", "xception",
@@ -137,6 +137,7 @@ class Finetune(Section):
     weight_decay: _range(float, 0, 1)
     label_smoothing: _range(float, 0, 0.5)
     online_shift_px: _range(int, 0, 8)
+    online_cutout_px: _range(int, 0, 32)
     precision: Precision
     seed: Seed
 
