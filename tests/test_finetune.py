@@ -27,7 +27,7 @@ from stage_runs import epochs_saved, finish
 
 PROJECT = Path(__file__).resolve().parents[1]
 SETTINGS = dict(layers="all", depthwise=True, epochs=2, batch_size=16, lr=1e-3, warmup_epochs=0.5,
-                weight_decay=0.05, label_smoothing=0.1, online_shift_px=2, online_cutout_px=4,
+                weight_decay=0.05, label_smoothing=0.1, online_shift_px=2, online_cutout_px=4, fit_on="train",
                 precision="float32", seed=0)
 
 
@@ -88,6 +88,18 @@ def test_depthwise_kernels_stay_as_loaded_when_not_trained(training_data, head_m
               if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.DepthwiseConv2D))}
     assert any(isinstance(after[name], keras.layers.DepthwiseConv2D) for name in frozen)
     assert changed == set(after) - frozen  # the layers before them still learn: gradients pass through
+
+
+def test_fit_on_train_and_val_trains_on_both_and_keeps_the_last_epoch(training_data, head_model, tmp_path):
+    # A batch larger than the training split alone: only the validation records make it fit.
+    batch = np.load(training_data / "prepared" / "train_labels.npy").size + 1
+    with pytest.raises(PipelineError, match="exceeds the"):
+        _finetune(training_data, head_model, tmp_path / "train", batch_size=batch, epochs=1)
+    history = _finetune(training_data, head_model, tmp_path / "both", batch_size=batch, epochs=1, fit_on="train+val")
+    assert len(history["loss"]) == 1 and "val_accuracy" not in history
+    summary = json.loads((tmp_path / "both" / "live" / "metrics.json").read_text())
+    assert "best_val_accuracy" not in summary and summary["best_epoch"] == 1
+    assert (tmp_path / "both" / "transfer.keras").exists()
 
 
 def test_fine_tuning_the_top_layers_only_and_refusals(training_data, head_model, tmp_path):
@@ -161,7 +173,7 @@ def _start(data: Path, out: Path) -> subprocess.Popen:
 
 def _logged(out: Path) -> list[list[str]]:
     return [line.split("\t") for line in
-            (out / "live" / "plots" / "metrics" / "eval" / "accuracy.tsv").read_text().splitlines()]
+            (out / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

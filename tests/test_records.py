@@ -98,7 +98,7 @@ def test_fit_on_train_and_val_reads_both_splits_each_image_once_an_epoch(prepare
     np.testing.assert_array_equal(np.bincount(labels.numpy().argmax(1), minlength=10),
                                   np.bincount(np.concatenate([split.labels for split in expected]), minlength=10))
     assert records.fit_splits("train") == ("train",)
-    with pytest.raises(ValueError, match="train.fit_on"):
+    with pytest.raises(ValueError, match="unknown fit_on"):
         records.fit_splits("val")
 
 

@@ -91,9 +91,10 @@ def with_policy(model: keras.Model, policy: str) -> keras.Model:
 def finetune(*, head_model_path: Path, records_dir: Path, prepared_dir: Path, model_path: Path, live_dir: Path,
              checkpoint_dir: Path | None, layers: int | str, depthwise: bool, epochs: int, batch_size: int, lr: float,
              warmup_epochs: float, weight_decay: float, label_smoothing: float, online_shift_px: int,
-             online_cutout_px: int, precision: str, seed: int) -> dict:
-    """Fine-tune the transfer model saved by train_head on the training split, keeping the
-    weights of its best validation epoch; save it to `model_path` and return the history.
+             online_cutout_px: int, fit_on: str, precision: str, seed: int) -> dict:
+    """Fine-tune the transfer model saved by train_head on the splits `fit_on` names
+    (records.fit_splits), keeping the weights of the best validation epoch (of the last epoch
+    when the validation split trains too); save it to `model_path` and return the history.
     AdamW, linear warm-up from lr / 10 then cosine decay to 0; random flip, up to
     `online_shift_px` pixels of shift and a cutout square of side `online_cutout_px` (painted
     with the mean pixel) per image. A run killed after an epoch resumes from `checkpoint_dir`
@@ -110,7 +111,8 @@ def finetune(*, head_model_path: Path, records_dir: Path, prepared_dir: Path, mo
     tuned = unfreeze(model, layers, depthwise)
     log.info(f"finetune: {len(tuned)} backbone layers ({tuned[0]} .. {tuned[-1]}) + head, in {policy}, "
           f"peak lr {lr}, {epochs} epochs")
-    train_records = sum(records.shard_sizes(records_dir, "train"))
+    splits = records.fit_splits(fit_on)
+    train_records = sum(sum(records.shard_sizes(records_dir, split)) for split in splits)
     steps = train_records // batch_size
     if steps == 0:
         raise PipelineError(f"finetune.batch_size = {batch_size} exceeds the {train_records} training records")
@@ -121,8 +123,8 @@ def finetune(*, head_model_path: Path, records_dir: Path, prepared_dir: Path, mo
         model,
         lambda first_epoch: records.training_dataset(records_dir, batch_size, num_classes, seed, "random",
                                                      online_shift_px, online_cutout_px,
-                                                     meta["mean"], start_epoch=first_epoch),
-        records.eval_dataset(records_dir, "val", max(batch_size, 256), num_classes),
+                                                     meta["mean"], start_epoch=first_epoch, splits=splits),
+        None if "val" in splits else records.eval_dataset(records_dir, "val", max(batch_size, 256), num_classes),
         steps_per_epoch=steps, epochs=epochs,
         optimizer=make_optimizer("adamw", learning_rate("cosine", lr, epochs, steps, warmup_epochs), 0.0,
                                  weight_decay),

@@ -25,7 +25,7 @@ BACKBONES = (
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "mirrored", "multi_worker")  # distribute.make_strategy
 FLIP_MODES = ("none", "random", "alternating")  # records.training_dataset
-FIT_ON = ("train", "train+val")  # records.fit_splits
+FIT_ON = ("train", "train+val")  # records.fit_splits; train.fit_on and finetune.fit_on
 TTA_MODES = ("none", "flip", "flip_shift")
 SCHEDULES = ("cosine", "plateau")  # train.learning_rate
 
@@ -138,6 +138,7 @@ class Finetune(Section):
     label_smoothing: _range(float, 0, 0.5)
     online_shift_px: _range(int, 0, 8)
     online_cutout_px: _range(int, 0, 32)
+    fit_on: _one_of(*FIT_ON)
     precision: Precision
     seed: Seed
 

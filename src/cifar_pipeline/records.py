@@ -121,9 +121,9 @@ def shard_sizes(directory: Path, split: str) -> list[int]:
 
 
 def fit_splits(fit_on: str) -> tuple[str, ...]:
-    """The record splits that `train.fit_on` (FIT_ON) names, in training_dataset's order."""
+    """The record splits that a `fit_on` setting (FIT_ON) names, in training_dataset's order."""
     if fit_on not in FIT_ON:
-        raise ValueError(f"unknown train.fit_on {fit_on!r}; allowed: {', '.join(FIT_ON)}")
+        raise ValueError(f"unknown fit_on {fit_on!r}; allowed: {', '.join(FIT_ON)}")
     return tuple(fit_on.split("+"))
 
 
