@@ -17,10 +17,12 @@ def main() -> None:
     report = export(model_path=args.model, prepared_dir=args.prepared, out_dir=args.out, metrics_path=args.metrics,
                     **cfg)
     for fmt, checks in report.items():
+        rebuild = checks.get("rebuild_difference")
         print(f"export: {args.out}: {fmt} in {checks['export_s']} s, {checks['megabytes']} MB, test accuracy "
               f"{checks['test_accuracy']:.2%} (one view), largest probability "
-              f"difference {checks['max_probability_difference']:.1e}, top-1 as trained on "
-              f"{checks['top1_agreement']:.2%} of the test images")
+              f"difference {checks['max_probability_difference']:.1e}"
+              + ("" if rebuild is None else f" (float32 rebuild: {rebuild:.1e} from the trained model in float32)")
+              + f", top-1 as trained on {checks['top1_agreement']:.2%} of the test images")
 
 
 if __name__ == "__main__":

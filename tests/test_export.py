@@ -15,10 +15,11 @@ from cifar_pipeline.features import transfer_model
 from cifar_pipeline.head import build_head
 from cifar_pipeline.keras_save import save_model
 from cifar_pipeline.models import build_model
-from cifar_pipeline.portable import standard_graph
+from cifar_pipeline import export as export_module
+from cifar_pipeline.portable import float32_graph, standard_graph
 from cifar_pipeline.prepare import load_meta, load_split
 
-SETTINGS = dict(onnx=True, litert=True, tolerance=1e-4, min_agreement=0.9, batch_size=16)
+SETTINGS = dict(onnx=True, litert=True, tolerance=1e-4, batch_size=16)
 
 
 def _randomised(model: keras.Model, seed: int) -> keras.Model:
@@ -119,9 +120,26 @@ def test_the_saved_model_runs_where_this_package_cannot_be_imported(exported, re
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)
 
 
-def test_a_failed_check_leaves_no_export(fast_bf16, training_data, tmp_path):
-    with pytest.raises(PipelineError, match="export.min_agreement"):
+def test_the_float32_rebuild_of_a_bfloat16_model_computes_its_function_in_float32(fast_bf16, training_data):
+    model = keras.models.load_model(fast_bf16)
+    images = load_split(training_data / "prepared", "test").images
+    reference = float32_graph(model)
+    assert {layer.compute_dtype for layer in reference.layers} == {"float32"}
+    assert {type(layer).__name__ for layer in reference.layers} >= {"FusedGelu", "ShiftBatchNorm"}
+    np.testing.assert_allclose(standard_graph(model).predict(images, verbose=0),
+                               reference.predict(images, verbose=0), atol=1e-5)
+
+
+def test_a_rebuild_that_computes_another_function_is_refused_and_leaves_no_export(fast_bf16, training_data,
+                                                                                     tmp_path, monkeypatch):
+    def logits_scaled(model):
+        rebuilt = standard_graph(model)
+        kernel = rebuilt.get_layer("logits")
+        kernel.set_weights([weights * 1.5 for weights in kernel.get_weights()])
+        return rebuilt
+
+    monkeypatch.setattr(export_module, "standard_graph", logits_scaled)
+    with pytest.raises(PipelineError, match="float32 rebuild .* differs from the trained model computed in float32"):
         export(model_path=fast_bf16, prepared_dir=training_data / "prepared", out_dir=tmp_path / "export",
-               metrics_path=tmp_path / "m.json", **{**SETTINGS, "min_agreement": 1.01, "onnx": False,
-                                                    "litert": False})
+               metrics_path=tmp_path / "m.json", **{**SETTINGS, "litert": False})
     assert list(tmp_path.iterdir()) == []

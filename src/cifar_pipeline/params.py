@@ -156,7 +156,6 @@ class Export(Section):
     onnx: bool
     litert: bool
     tolerance: _range(float, 0, 1, low_open=True)
-    min_agreement: _range(float, 0, 1)
     batch_size: _range(int, 1, 65536)
 
 

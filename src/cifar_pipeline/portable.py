@@ -6,6 +6,10 @@ bfloat16 or float16: ONNX and LiteRT converters reject all three (a function cal
 `Erfc` in bfloat16, mixed float types). The same function in float32 with Keras'
 own GELU and BatchNormalization converts everywhere. Layer names, the other
 layers and all weights are kept; the maths is the same up to float32 rounding.
+
+`float32_graph` keeps the layers and changes only the dtype policies: a model trained in mixed
+precision computed in float32, the reference its standard rebuild must match (bfloat16's own
+rounding flips near-tied classes, more of them the less sure the model is).
 """
 from __future__ import annotations
 
@@ -29,16 +33,16 @@ class ErfGelu(keras.layers.Layer):
         return 0.5 * x * (1.0 + keras.ops.erf(x * (1.0 / math.sqrt(2.0))))
 
 
-def _standard(node):
-    """The config `node` with the fast layers replaced and every dtype policy float32."""
+def _standard(node, replace: bool):
+    """The config `node` with every dtype policy float32 and, if `replace`, the fast layers replaced."""
     if isinstance(node, list):
-        return [_standard(value) for value in node]
+        return [_standard(value, replace) for value in node]
     if not isinstance(node, dict):
         return node
     if node.get("class_name") == "DTypePolicy":
         return {**node, "config": {**node["config"], "name": "float32"}}
     kind = node.get("class_name")
-    if kind in _REPLACED and isinstance(node.get("config"), dict):
+    if replace and kind in _REPLACED and isinstance(node.get("config"), dict):
         base = {key: node["config"][key] for key in ("name", "trainable") if key in node["config"]}
         config = node["config"]
         if kind == "FusedGelu":
@@ -57,7 +61,7 @@ def _standard(node):
         replaced = keras.saving.serialize_keras_object(layer)
         return {**replaced, **{key: node[key] for key in ("build_config", "inbound_nodes", "name")
                                if key in node}}
-    return {key: _standard(value) for key, value in node.items()}
+    return {key: _standard(value, replace) for key, value in node.items()}
 
 
 def _layers(model: keras.Model, prefix: str = "") -> dict[str, keras.layers.Layer]:
@@ -70,9 +74,22 @@ def _layers(model: keras.Model, prefix: str = "") -> dict[str, keras.layers.Laye
     return found
 
 
+def computes_in_float32(model: keras.Model) -> bool:
+    return all(layer.compute_dtype == "float32" for layer in _layers(model).values())
+
+
 def standard_graph(model: keras.Model) -> keras.Model:
     """`model` as float32 standard layers with its weights (see the module's doc)."""
-    rebuilt = keras.Model.from_config(_standard(model.get_config()))
+    return _rebuild(model, replace=True)
+
+
+def float32_graph(model: keras.Model) -> keras.Model:
+    """`model`'s own layers and weights with every dtype policy float32."""
+    return _rebuild(model, replace=False)
+
+
+def _rebuild(model: keras.Model, replace: bool) -> keras.Model:
+    rebuilt = keras.Model.from_config(_standard(model.get_config(), replace))
     source, target = _layers(model), _layers(rebuilt)
     if set(source) != set(target):
         raise ValueError(f"the rebuilt model's layers differ: {sorted(set(source) ^ set(target))[:5]}")
@@ -80,7 +97,7 @@ def standard_graph(model: keras.Model) -> keras.Model:
         if isinstance(layer, keras.Model):
             continue  # its layers are copied one by one
         weights = [keras.ops.convert_to_numpy(w.value).astype("float32") for w in layer.weights]
-        if isinstance(layer, fast_layers.ShiftBatchNorm):
+        if replace and isinstance(layer, fast_layers.ShiftBatchNorm):
             # BatchNormalization(scale=False) holds beta, moving mean, moving variance in that order.
             stored_shift, mean, variance = weights
             weights = [layer.shift_scale * stored_shift, mean, variance]
