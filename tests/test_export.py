@@ -134,8 +134,8 @@ def test_a_rebuild_that_computes_another_function_is_refused_and_leaves_no_expor
                                                                                      tmp_path, monkeypatch):
     def logits_scaled(model):
         rebuilt = standard_graph(model)
-        kernel = rebuilt.get_layer("logits")
-        kernel.set_weights([weights * 1.5 for weights in kernel.get_weights()])
+        logits = rebuilt.get_layer("logits")
+        logits.set_weights([weights * 1.5 for weights in logits.get_weights()])
         return rebuilt
 
     monkeypatch.setattr(export_module, "standard_graph", logits_scaled)
