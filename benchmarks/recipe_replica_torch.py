@@ -9,6 +9,7 @@ random flip, 2 px reflect shifts, 8 px mean-filled cutout, best validation epoch
 TTA, bfloat16 autocast. Calibration on CIFAR-10 (JPEG rebuild), the 26-epoch recipe: replica 3
 seeds best validation 90.54%, test 91.08%; Keras on the 2-core CPU 90.79%, 91.53%. Each
 run optionally keeps an EMA of the weights and buffers, evaluated beside the raw weights.
+With `muon_lr` set, the conv filters train by Muon instead (`train.optimizer: muon`).
 
     pip install torch==2.13.0   # any recent torch; not a dependency of the pipeline
     python benchmarks/recipe_replica_torch.py data/prepared configs.json results.jsonl
@@ -32,7 +33,29 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BASE = dict(epochs=26, batch=256, lr=0.375, momentum=0.85, wd=0.0089, ls=0.2, warmup=3, flip="random",
             shift=2, cutout=8, widths=[64, 256, 256], bn_mom=0.6, shift_scale=8.0, logit_scale=1 / 9,
             ema=None, ema_every=5, trainval=False, seed=0, limit=None, lookahead=False, whiten_eps=5e-4,
-            eval_every=1)
+            eval_every=1, muon_lr=None, muon_momentum=0.6, ns_steps=3)
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalise(g, steps):
+    """Muon's quintic Newton-Schulz iteration (cifar_pipeline.muon.orthogonalise), in float32."""
+    a, b, c = NEWTON_SCHULZ
+    x = g.t() if g.size(0) > g.size(1) else g
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.t()
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.t() if g.size(0) > g.size(1) else x
+
+
+def muon_step(filters, grads, buffers, lr, cfg):
+    """train.optimizer: muon on the conv filters (cifar_pipeline.muon.ConvMuon): rescale each kernel
+    to norm sqrt(out channels), then step along the orthogonalised Nesterov momentum."""
+    m = cfg["muon_momentum"]
+    for w, g, buf in zip(filters, grads, buffers):
+        buf.mul_(m).add_(g)
+        update = orthogonalise((g + m * buf).reshape(len(g), -1), cfg["ns_steps"]).view_as(w)
+        w.mul_(len(w) ** 0.5 / w.norm()).sub_(update, alpha=lr * cfg["muon_lr"] / cfg["lr"])
 
 
 def glorot(shape_khwio, gen):
@@ -178,8 +201,11 @@ def run(cfg, data, meta):
         xtr, ytr = xtr[:cfg["limit"]], ytr[:cfg["limit"]]
     sample = data["sample"]
     model = Net(cfg, meta["mean"], meta["std"], sample, gen).to(DEV).to(memory_format=torch.channels_last)
-    params = list(model.parameters())
+    # With muon_lr, the conv filters step by Muon and SGD takes only the rest (ConvMuon).
+    filters = list(model.convs) if cfg["muon_lr"] else []
+    params = [p for p in model.parameters() if all(p is not f for f in filters)]
     vel = [torch.zeros_like(p) for p in params]
+    filter_buffers = [torch.zeros_like(f) for f in filters]
     ema = None
     if cfg["ema"]:
         ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -200,10 +226,12 @@ def run(cfg, data, meta):
             with torch.autocast(DEV, dtype=torch.bfloat16):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg["ls"])
-            grads = torch.autograd.grad(loss, params)
+            grads = torch.autograd.grad(loss, params + filters)
+            grads, filter_grads = grads[:len(params)], grads[len(params):]
             lr = lr_at(step, cfg, steps)
             m = cfg["momentum"]
             with torch.no_grad():
+                muon_step(filters, filter_grads, filter_buffers, lr, cfg)
                 torch._foreach_mul_(params, 1 - lr * cfg["wd"])
                 torch._foreach_mul_(vel, m)
                 torch._foreach_add_(vel, grads, alpha=-lr)

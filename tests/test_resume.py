@@ -30,8 +30,9 @@ def data(training_data, tmp_path_factory):
         (root / name).symlink_to(training_data / name)
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     # Validated, so the resumed run must also restore the best epoch's weights and the validation log.
+    # Muon: its filter buffers must resume too, and its other variables keep SGD's.
     params["train"].update(epochs=EPOCHS, batch_size=16, patience=EPOCHS, warmup_epochs=1, precision="float32",
-                           deterministic=True, fit_on="train")
+                           deterministic=True, fit_on="train", optimizer="muon")
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 

@@ -112,7 +112,7 @@ def finetune(*, head_model_path: Path, records_dir: Path, prepared_dir: Path, mo
     log.info(f"finetune: {len(tuned)} backbone layers ({tuned[0]} .. {tuned[-1]}) + head, in {policy}, "
           f"peak lr {lr}, {epochs} epochs")
     splits = records.fit_splits(fit_on)
-    train_records = sum(sum(records.shard_sizes(records_dir, split)) for split in splits)
+    train_records = sum(records.fit_shard_sizes(records_dir, splits))
     steps = train_records // batch_size
     if steps == 0:
         raise PipelineError(f"finetune.batch_size = {batch_size} exceeds the {train_records} training records")

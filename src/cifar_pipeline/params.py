@@ -28,6 +28,7 @@ FLIP_MODES = ("none", "random", "alternating")  # records.training_dataset
 FIT_ON = ("train", "train+val")  # records.fit_splits; train.fit_on and finetune.fit_on
 TTA_MODES = ("none", "flip", "flip_shift")
 SCHEDULES = ("cosine", "plateau")  # train.learning_rate
+OPTIMIZERS = ("sgd", "adamw", "muon")  # train.make_optimizer
 
 
 class ParamsError(PipelineError, ValueError):
@@ -83,10 +84,12 @@ class Train(Section):
     fast_width: _range(int, 8, 1024)
     epochs: _range(int, 1, 1000)
     batch_size: _range(int, 1, 8192)
-    optimizer: Literal["sgd", "adamw"]
+    optimizer: _one_of(*OPTIMIZERS)
     lr: _range(float, 0, 10, low_open=True)
     momentum: _range(float, 0, 0.999)
     weight_decay: _range(float, 0, 1)
+    muon_lr: _range(float, 0, 10, low_open=True)
+    muon_momentum: _range(float, 0, 0.999)
     label_smoothing: _range(float, 0, 0.5)
     schedule: _one_of(*SCHEDULES)
     warmup_epochs: _range(float, 0, 100)

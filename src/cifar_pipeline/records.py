@@ -120,6 +120,11 @@ def shard_sizes(directory: Path, split: str) -> list[int]:
     return [count // shards + (i < count % shards) for i in range(shards)]
 
 
+def fit_shard_sizes(directory: Path, splits: tuple[str, ...]) -> list[int]:
+    """Records per shard file of every split in `splits`, in training_dataset's order."""
+    return [size for split in splits for size in shard_sizes(directory, split)]
+
+
 def fit_splits(fit_on: str) -> tuple[str, ...]:
     """The record splits that a `fit_on` setting (FIT_ON) names, in training_dataset's order."""
     if fit_on not in FIT_ON:

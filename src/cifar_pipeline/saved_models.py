@@ -2,7 +2,8 @@
 
 Keras finds a registered class only if the module defining it was imported;
 importing them all here means a stage or `cifar-predict` that loads a model
-cannot miss one (a forest head or the fast net's layers in a fresh process).
+cannot miss one (a forest head, the fast net's layers, or the optimizer a model
+was compiled with, in a fresh process).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import keras
 
-from cifar_pipeline import backbones, forest, models  # noqa: F401  each registers its custom objects
+from cifar_pipeline import backbones, forest, models, muon  # noqa: F401  each registers its custom objects
 
 
 def load_model(path: str | Path) -> keras.Model:

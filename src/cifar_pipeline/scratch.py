@@ -24,7 +24,8 @@ WHITENING_SAMPLE = 5000
 
 def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, live_dir: Path,
                   checkpoint_dir: Path | None, arch: str, fast_width: int, epochs: int, batch_size: int, optimizer: str,
-                  lr: float, momentum: float, weight_decay: float, label_smoothing: float, schedule: str,
+                  lr: float, momentum: float, weight_decay: float, muon_lr: float, muon_momentum: float,
+                  label_smoothing: float, schedule: str,
                   warmup_epochs: float, patience: int, online_flip: str, online_shift_px: int,
                   online_cutout_px: int, fit_on: str, precision: str, strategy: str, seed: int) -> dict | None:
     """Train `arch` (`fast_width`: models.build_model) and save the weights of its best
@@ -48,7 +49,7 @@ def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, li
     if batch_size % replicas:
         raise PipelineError(f"train.batch_size={batch_size} does not split evenly over {replicas} replicas")
     # Every worker takes the same number of steps, each with batch_size / workers of its own records.
-    sizes = [size for split in splits for size in records.shard_sizes(records_dir, split)]
+    sizes = records.fit_shard_sizes(records_dir, splits)
     steps = min(sum(records.worker_shards(sizes, w, workers)) for w in range(workers)) * workers // batch_size
     if steps == 0:
         raise PipelineError(f"train.batch_size={batch_size} exceeds the {sum(sizes)} training records"
@@ -81,7 +82,7 @@ def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, li
         history = fit(
             model, training_batches, val_data, steps_per_epoch=steps, epochs=epochs,
             optimizer=make_optimizer(optimizer, learning_rate(schedule, lr, epochs, steps, warmup_epochs),
-                                     momentum, weight_decay),
+                                     momentum, weight_decay, muon_lr_scale=muon_lr / lr, muon_momentum=muon_momentum),
             label_smoothing=label_smoothing, schedule=schedule, patience=patience, live_dir=live_dir,
             images_per_epoch=steps * batch_size, checkpoint_dir=checkpoint_dir, fingerprint=settings, chief=chief)
     if chief:

@@ -21,7 +21,8 @@ from dvclive.keras import DVCLiveCallback
 from cifar_pipeline.checkpoints import EpochState
 from cifar_pipeline.distribute import same_on_every_worker
 from cifar_pipeline.errors import PipelineError
-from cifar_pipeline.params import PRECISIONS
+from cifar_pipeline.muon import ConvMuon
+from cifar_pipeline.params import OPTIMIZERS, PRECISIONS
 
 # Tensor cores arrived with compute capability 7.0 (Volta).
 TENSOR_CORE_CAPABILITY = (7, 0)
@@ -70,14 +71,20 @@ class LearningRateInLogs(keras.callbacks.Callback):
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
 
-def make_optimizer(name: str, lr, momentum: float, weight_decay: float) -> keras.optimizers.Optimizer:
-    """`lr` is a float or a LearningRateSchedule; weight decay is decoupled (AdamW-style)."""
+def make_optimizer(name: str, lr, momentum: float, weight_decay: float, muon_lr_scale: float = 1.0,
+                   muon_momentum: float = 0.6) -> keras.optimizers.Optimizer:
+    """`lr` is a float or a LearningRateSchedule; weight decay is decoupled (AdamW-style).
+    `muon`: SGD as `sgd` but conv filters by Muon (muon.ConvMuon), at `muon_lr_scale` times
+    the learning rate with their own `muon_momentum`."""
     if name == "sgd":
         return keras.optimizers.SGD(lr, momentum=momentum, nesterov=momentum > 0,
                                     weight_decay=weight_decay or None)
     if name == "adamw":
         return keras.optimizers.AdamW(lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; allowed: sgd, adamw")
+    if name == "muon":
+        return ConvMuon(lr, filter_lr_scale=muon_lr_scale, filter_momentum=muon_momentum, momentum=momentum,
+                        weight_decay=weight_decay or None)
+    raise ValueError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")
 
 
 def learning_rate(schedule: str, lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float):
