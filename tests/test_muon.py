@@ -8,9 +8,8 @@ from cifar_pipeline.muon import ConvMuon, orthogonalise
 from cifar_pipeline.train import make_optimizer
 
 
-def _step(optimizer, variable, gradient, times=1):
-    for _ in range(times):
-        optimizer.apply_gradients([(keras.ops.convert_to_tensor(gradient), variable)])
+def _step(optimizer, variable, gradient):
+    optimizer.apply_gradients([(keras.ops.convert_to_tensor(gradient), variable)])
     return keras.ops.convert_to_numpy(variable)
 
 
