@@ -79,3 +79,25 @@ def test_a_model_compiled_with_it_trains_and_saves_and_loads(tmp_path):
     loaded = saved_models.load_model(tmp_path / "muon.keras")
     assert isinstance(loaded.optimizer, ConvMuon) and loaded.optimizer.filter_lr_scale == 0.5
     np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-5)
+
+
+def test_each_variable_has_exactly_one_momentum_slot():
+    kernel, bias = keras.Variable(np.ones((3, 3, 2, 4), "float32")), keras.Variable(np.ones(4, "float32"))
+    optimizer = ConvMuon(0.1, filter_lr_scale=1.0)
+    optimizer.build([kernel, bias])
+    slots = [v for v in optimizer.variables if tuple(v.shape) in {(3, 3, 2, 4), (4,)}]
+    assert sorted(tuple(v.shape) for v in slots) == [(3, 3, 2, 4), (4,)]
+
+
+def test_a_net_with_convs_that_no_batchnorm_follows_is_refused_before_any_work(tmp_path):
+    from cifar_pipeline.errors import PipelineError
+    from cifar_pipeline.scratch import train_scratch
+
+    missing = tmp_path / "nothing-here"  # the check comes before any file is read
+    with pytest.raises(PipelineError, match="small_cnn has convs without it: use sgd or adamw"):
+        train_scratch(records_dir=missing, prepared_dir=missing, model_path=missing / "m.keras", live_dir=missing,
+                      checkpoint_dir=None, arch="small_cnn", fast_width=64, epochs=1, batch_size=32,
+                      optimizer="muon", lr=0.1, momentum=0.9, weight_decay=0.0, muon_lr=0.1, muon_momentum=0.6,
+                      label_smoothing=0.0, schedule="cosine", warmup_epochs=0, patience=1, online_flip="none",
+                      online_shift_px=0, online_cutout_px=0, fit_on="train", precision="float32",
+                      strategy="auto", seed=0)

@@ -158,6 +158,9 @@ def _ann(x, num_classes):
     return _classifier(x, num_classes)
 
 
+# Nets with a conv that no BatchNorm follows: muon.ConvMuon's kernel rescale would change what they compute.
+CONVS_WITHOUT_BATCHNORM = ("small_cnn",)
+
 ARCHITECTURES: dict[str, Callable] = {
     "fast": _fast,
     "vgg_mish": _vgg_mish,

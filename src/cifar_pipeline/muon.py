@@ -62,11 +62,17 @@ class ConvMuon(keras.optimizers.SGD):
     def build(self, variables):
         if self.built:
             return
-        super().build(variables)
-        self.filter_buffers = [None] * len(variables)
-        for variable in filter(self.is_filter, variables):
-            self.filter_buffers[self._get_variable_index(variable)] = self.add_variable_from_reference(
-                variable, "filter_momentum")
+        # SGD.build would give every variable a momentum slot; filters need their own buffer
+        # instead, so build as the base optimizer and make one slot per variable here.
+        super(keras.optimizers.SGD, self).build(variables)
+        self.filter_buffers = [
+            self.add_variable_from_reference(variable, "filter_momentum") if self.is_filter(variable) else None
+            for variable in variables]
+        # SGD.update_step reads self.momentums only for non-filters, and only when momentum != 0.
+        self.momentums = [
+            buffer if buffer is not None else (self.add_variable_from_reference(variable, "momentum")
+                                               if self.momentum != 0 else None)
+            for variable, buffer in zip(variables, self.filter_buffers)]
 
     def update_step(self, gradient, variable, learning_rate):
         if not self.is_filter(variable):

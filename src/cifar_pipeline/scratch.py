@@ -13,7 +13,7 @@ from cifar_pipeline import checkpoints, records
 from cifar_pipeline.distribute import is_chief, make_strategy, worker_count
 from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.keras_save import save_model
-from cifar_pipeline.models import build_model
+from cifar_pipeline.models import CONVS_WITHOUT_BATCHNORM, build_model
 from cifar_pipeline.prepare import load_meta, load_split
 from cifar_pipeline.train import compute_policy, fit, learning_rate, make_optimizer
 
@@ -37,6 +37,9 @@ def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, li
     channel statistics, class names). `strategy` (distribute.STRATEGIES) spreads each batch
     of `batch_size` images over devices or machines."""
     arguments = dict(locals())  # first, so it holds exactly the arguments
+    if optimizer == "muon" and arch in CONVS_WITHOUT_BATCHNORM:
+        raise PipelineError(f"train.optimizer=muon rescales each conv kernel to a fixed norm, harmless only "
+                            f"where BatchNorm follows the conv; {arch} has convs without it: use sgd or adamw")
     distribution = make_strategy(strategy)
     replicas, workers = distribution.num_replicas_in_sync, worker_count(distribution)
     meta = load_meta(prepared_dir)
