@@ -64,9 +64,16 @@ def lite0_transfer(training_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fast_export(fast_bf16, training_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("fast_export")
+    (root / ".export.partial").mkdir()  # what an export killed mid-way leaves
+    (root / ".export.partial" / "model.onnx").write_bytes(b"half a file")
     report = export(model_path=fast_bf16, prepared_dir=training_data / "prepared", out_dir=root / "export",
                     metrics_path=root / "export.json", **SETTINGS)
     return fast_bf16, root / "export", report
+
+
+def test_an_export_clears_what_a_killed_one_left_beside_it(fast_export):
+    root = fast_export[1].parent
+    assert sorted(path.name for path in root.iterdir()) == ["export", "export.json"]
 
 
 def test_the_float32_standard_graph_computes_what_the_fast_layers_compute(training_data):

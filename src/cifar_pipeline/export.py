@@ -21,8 +21,6 @@ trained in bfloat16 or float16, whose rounding flips near-tied classes.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cifar_pipeline.atomic import write_json
+from cifar_pipeline.atomic import atomic_path, write_json
 from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.portable import computes_in_float32, float32_graph, standard_graph
 from cifar_pipeline.prepare import load_meta, load_split
@@ -124,11 +122,10 @@ def export(*, model_path: Path, prepared_dir: Path, out_dir: Path, metrics_path:
     test = load_split(prepared_dir, "test")
     images = test.images
     trained = model.predict(images, batch_size=batch_size, verbose=0)
-    # Written beside out_dir and moved into place at the end: a failed check leaves no half export.
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    # Written beside out_dir under a fixed name and moved into place at the end: a failed check
+    # leaves no half export, and what a killed export left there is cleared by the next one.
+    with atomic_path(out_dir) as work:
+        work.mkdir()
         (work / "class_names.json").write_text(json.dumps(names, indent=2) + "\n")
         start = time.perf_counter()
         write_saved_model(model, work / "saved_model")
@@ -155,9 +152,5 @@ def export(*, model_path: Path, prepared_dir: Path, out_dir: Path, metrics_path:
                 report[fmt] = {**_check(fmt, runner(work / file, images, batch_size), source, trained,
                                         test.labels, tolerance, seconds, work / file),
                                "rebuild_difference": rebuild}
-        shutil.rmtree(out_dir, ignore_errors=True)
-        work.rename(out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     write_json(metrics_path, report)
     return report
