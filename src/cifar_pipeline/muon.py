@@ -69,10 +69,12 @@ class ConvMuon(keras.optimizers.SGD):
             self.add_variable_from_reference(variable, "filter_momentum") if self.is_filter(variable) else None
             for variable in variables]
         # SGD.update_step reads self.momentums only for non-filters, and only when momentum != 0.
-        self.momentums = [
-            buffer if buffer is not None else (self.add_variable_from_reference(variable, "momentum")
-                                               if self.momentum != 0 else None)
-            for variable, buffer in zip(variables, self.filter_buffers)]
+        # Filters list their own buffer there, so every variable has exactly one slot.
+        self.momentums = []
+        for variable, buffer in zip(variables, self.filter_buffers):
+            if buffer is None and self.momentum != 0:
+                buffer = self.add_variable_from_reference(variable, "momentum")
+            self.momentums.append(buffer)
 
     def update_step(self, gradient, variable, learning_rate):
         if not self.is_filter(variable):
