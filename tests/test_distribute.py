@@ -44,7 +44,7 @@ for arch, strategy, epochs in json.loads(sys.argv[3]):
         records_dir=data / "records", prepared_dir=data / "prepared", model_path=out / f"{name}.keras",
         live_dir=out / name, checkpoint_dir=None, arch=arch, fast_width=64, epochs=epochs, batch_size=32,
         optimizer="sgd", lr=0.002, momentum=0.9, weight_decay=0.0, muon_lr=0.002, muon_momentum=0.6,
-        label_smoothing=0.0, schedule="cosine",
+        lookahead=0.0, label_smoothing=0.0, schedule="cosine",
         warmup_epochs=0, patience=5, online_flip="none", online_shift_px=0, online_cutout_px=0, fit_on="train",
         precision="float32", strategy=strategy, seed=0)
 print("RUNS " + json.dumps(runs))

@@ -98,6 +98,6 @@ def test_a_net_with_convs_that_no_batchnorm_follows_is_refused_before_any_work(t
         train_scratch(records_dir=missing, prepared_dir=missing, model_path=missing / "m.keras", live_dir=missing,
                       checkpoint_dir=None, arch="small_cnn", fast_width=64, epochs=1, batch_size=32,
                       optimizer="muon", lr=0.1, momentum=0.9, weight_decay=0.0, muon_lr=0.1, muon_momentum=0.6,
-                      label_smoothing=0.0, schedule="cosine", warmup_epochs=0, patience=1, online_flip="none",
-                      online_shift_px=0, online_cutout_px=0, fit_on="train", precision="float32",
+                      lookahead=0.0, label_smoothing=0.0, schedule="cosine", warmup_epochs=0, patience=1,
+                      online_flip="none", online_shift_px=0, online_cutout_px=0, fit_on="train", precision="float32",
                       strategy="auto", seed=0)

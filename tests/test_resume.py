@@ -30,9 +30,11 @@ def data(training_data, tmp_path_factory):
         (root / name).symlink_to(training_data / name)
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     # Validated, so the resumed run must also restore the best epoch's weights and the validation log.
-    # Muon: its filter buffers must resume too, and its other variables keep SGD's.
-    params["train"].update(epochs=EPOCHS, batch_size=16, patience=EPOCHS, warmup_epochs=1, precision="float32",
-                           deterministic=True, fit_on="train", optimizer="muon")
+    # Muon: its filter buffers must resume too, and its other variables keep SGD's. Lookahead: its
+    # slow average must restart from the restored weights as the uninterrupted run continues it
+    # (batch 14: 17 steps an epoch, so an epoch does not end on lookahead's 5-step grid).
+    params["train"].update(epochs=EPOCHS, batch_size=14, patience=EPOCHS, warmup_epochs=1, precision="float32",
+                           deterministic=True, fit_on="train", optimizer="muon", lookahead=0.9)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 

@@ -90,6 +90,7 @@ class Train(Section):
     weight_decay: _range(float, 0, 1)
     muon_lr: _range(float, 0, 10, low_open=True)
     muon_momentum: _range(float, 0, 0.999)
+    lookahead: _range(float, 0, 0.999)
     label_smoothing: _range(float, 0, 0.5)
     schedule: _one_of(*SCHEDULES)
     warmup_epochs: _range(float, 0, 100)

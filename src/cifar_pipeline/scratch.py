@@ -13,6 +13,7 @@ from cifar_pipeline import checkpoints, records
 from cifar_pipeline.distribute import is_chief, make_strategy, worker_count
 from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.keras_save import save_model
+from cifar_pipeline.lookahead import Lookahead
 from cifar_pipeline.models import CONVS_WITHOUT_BATCHNORM, build_model
 from cifar_pipeline.prepare import load_meta, load_split
 from cifar_pipeline.train import compute_policy, fit, learning_rate, make_optimizer
@@ -25,7 +26,7 @@ WHITENING_SAMPLE = 5000
 def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, live_dir: Path,
                   checkpoint_dir: Path | None, arch: str, fast_width: int, epochs: int, batch_size: int, optimizer: str,
                   lr: float, momentum: float, weight_decay: float, muon_lr: float, muon_momentum: float,
-                  label_smoothing: float, schedule: str,
+                  lookahead: float, label_smoothing: float, schedule: str,
                   warmup_epochs: float, patience: int, online_flip: str, online_shift_px: int,
                   online_cutout_px: int, fit_on: str, precision: str, strategy: str, seed: int) -> dict | None:
     """Train `arch` (`fast_width`: models.build_model) and save the weights of its best
@@ -35,7 +36,8 @@ def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, li
     last epoch's weights are saved. A run killed after an epoch resumes from
     `checkpoint_dir` when called again with the same arguments, model and data (sizes,
     channel statistics, class names). `strategy` (distribute.STRATEGIES) spreads each batch
-    of `batch_size` images over devices or machines."""
+    of `batch_size` images over devices or machines. `lookahead` > 0: the peak decay of
+    lookahead.Lookahead (0: off)."""
     arguments = dict(locals())  # first, so it holds exactly the arguments
     if optimizer == "muon" and arch in CONVS_WITHOUT_BATCHNORM:
         raise PipelineError(f"train.optimizer=muon rescales each conv kernel to a fixed norm, harmless only "
@@ -87,7 +89,8 @@ def train_scratch(*, records_dir: Path, prepared_dir: Path, model_path: Path, li
             optimizer=make_optimizer(optimizer, learning_rate(schedule, lr, epochs, steps, warmup_epochs),
                                      momentum, weight_decay, muon_lr_scale=muon_lr / lr, muon_momentum=muon_momentum),
             label_smoothing=label_smoothing, schedule=schedule, patience=patience, live_dir=live_dir,
-            images_per_epoch=steps * batch_size, checkpoint_dir=checkpoint_dir, fingerprint=settings, chief=chief)
+            images_per_epoch=steps * batch_size, checkpoint_dir=checkpoint_dir, fingerprint=settings, chief=chief,
+            callbacks=(Lookahead(peak=lookahead, steps_per_epoch=steps, epochs=epochs),) if lookahead else ())
     if chief:
         save_model(model, model_path)
         checkpoints.remove(checkpoint_dir)

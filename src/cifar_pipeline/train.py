@@ -102,7 +102,8 @@ def learning_rate(schedule: str, lr: float, epochs: int, steps_per_epoch: int, w
 def fit(model: keras.Model, train_data, val_data, *, steps_per_epoch: int | None, epochs: int,
         optimizer: keras.optimizers.Optimizer, label_smoothing: float, schedule: str, patience: int,
         live_dir: Path, images_per_epoch: int, continue_log: bool = False,
-        checkpoint_dir: Path | None = None, fingerprint: str = "", chief: bool = True) -> dict:
+        checkpoint_dir: Path | None = None, fingerprint: str = "", chief: bool = True,
+        callbacks: tuple[keras.callbacks.Callback, ...] = ()) -> dict:
     """Train `model` in place, keeping the weights of its best validation epoch (the last
     epoch's when `val_data` is None: nothing held out to choose with); return the history.
 
@@ -113,7 +114,8 @@ def fit(model: keras.Model, train_data, val_data, *, steps_per_epoch: int | None
     checkpoints.remove once the model is saved. `continue_log` appends to the
     DVCLive log in `live_dir` (steps continue) instead of starting it anew. On a
     multi-worker cluster every worker calls this; only the `chief` logs, and the others
-    write their checkpoints to a temporary directory, removed at the end.
+    write their checkpoints to a temporary directory, removed at the end. `callbacks` run
+    first in each epoch (e.g. lookahead.Lookahead).
     """
     model.compile(optimizer=optimizer,
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
@@ -132,7 +134,8 @@ def fit(model: keras.Model, train_data, val_data, *, steps_per_epoch: int | None
             raise PipelineError(f"this worker would resume after epoch {start_epoch}, others elsewhere: on a cluster, "
                                 f"{checkpoint_dir} must be storage that every worker shares (or absent on all)")
         state.restore(model)
-        callbacks = [keras.callbacks.TerminateOnNaN(), LearningRateInLogs(), state]
+        rate_in_logs = LearningRateInLogs()
+        callbacks = [*callbacks, keras.callbacks.TerminateOnNaN(), rate_in_logs, state]
         live = None
         if chief:
             live = Live(str(live_dir), resume=continue_log, report=None, save_dvc_exp=False, dvcyaml=None)
@@ -145,7 +148,7 @@ def fit(model: keras.Model, train_data, val_data, *, steps_per_epoch: int | None
         if schedule == "plateau":
             # Its patience count restarts after a resume; the learning rate it set is restored.
             # Before LearningRateInLogs, which then logs the rate it set.
-            callbacks.insert(1, keras.callbacks.ReduceLROnPlateau(
+            callbacks.insert(callbacks.index(rate_in_logs), keras.callbacks.ReduceLROnPlateau(
                 monitor="val_loss", factor=0.5, patience=max(1, patience // 3), min_lr=1e-6))
         if start_epoch < epochs and not state.stopped_early():
             data = train_data(start_epoch) if callable(train_data) else train_data
