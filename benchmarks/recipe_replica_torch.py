@@ -9,7 +9,8 @@ random flip, 2 px reflect shifts, 8 px mean-filled cutout, best validation epoch
 TTA, bfloat16 autocast. Calibration on CIFAR-10 (JPEG rebuild), the 26-epoch recipe: replica 3
 seeds best validation 90.54%, test 91.08%; Keras on the 2-core CPU 90.79%, 91.53%. Each
 run optionally keeps an EMA of the weights and buffers, evaluated beside the raw weights.
-With `muon_lr` set, the conv filters train by Muon instead (`train.optimizer: muon`).
+With `lookahead` > 0, airbench's Lookahead as `train.lookahead` does it. With `muon_lr` set,
+the conv filters train by Muon instead (`train.optimizer: muon`).
 
     pip install torch==2.13.0   # any recent torch; not a dependency of the pipeline
     python benchmarks/recipe_replica_torch.py data/prepared configs.json results.jsonl
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BASE = dict(epochs=26, batch=256, lr=0.375, momentum=0.85, wd=0.0089, ls=0.2, warmup=3, flip="random",
             shift=2, cutout=8, widths=[64, 256, 256], bn_mom=0.6, shift_scale=8.0, logit_scale=1 / 9,
-            ema=None, ema_every=5, trainval=False, seed=0, limit=None, lookahead=False, whiten_eps=5e-4,
+            ema=None, ema_every=5, trainval=False, seed=0, limit=None, lookahead=0.0, whiten_eps=5e-4,
             eval_every=1, muon_lr=None, muon_momentum=0.6, ns_steps=3)
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 
@@ -218,6 +219,7 @@ def run(cfg, data, meta):
     t0 = time.time()
     for epoch in range(cfg["epochs"]):
         model.train()
+        slow = {k: v.detach().clone() for k, v in model.state_dict().items()} if cfg["lookahead"] else None
         order = torch.randperm(len(ytr), device=DEV, generator=dgen)[: steps * cfg["batch"]].view(steps, -1)
         for b in range(steps):
             idx = order[b]
@@ -238,6 +240,13 @@ def run(cfg, data, meta):
                 torch._foreach_add_(params, vel, alpha=m)
                 torch._foreach_add_(params, grads, alpha=-lr)
             step += 1
+            if slow is not None and ((b + 1) % 5 == 0 or b == steps - 1):  # train.lookahead (lookahead.Lookahead)
+                decay = cfg["lookahead"] * (step / (steps * cfg["epochs"])) ** 3
+                with torch.no_grad():
+                    for k, v in model.state_dict().items():
+                        if v.dtype.is_floating_point:
+                            slow[k].lerp_(v, 1 - decay)
+                            v.copy_(slow[k])
             if ema is not None and step % cfg["ema_every"] == 0:
                 decay = cfg["ema"] ** cfg["ema_every"]
                 with torch.no_grad():
