@@ -23,7 +23,8 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 # Run in a child process: the CPU can be split into logical devices only before TensorFlow starts.
 # The linear model has no BatchNorm (its statistics are per replica) and no dropout (its masks are
-# per replica), so one device and two replicas compute the same steps. One MirroredStrategy a
+# per replica), so one device and two replicas compute the same steps, Lookahead's syncs
+# (assignments from a callback, in cross-replica context) included. One MirroredStrategy a
 # process, as in a stage: two in one process would reuse each other's collective-op keys.
 MIRRORED = """
 import json, logging, sys
@@ -37,14 +38,14 @@ from cifar_pipeline import models, scratch
 models.ARCHITECTURES["linear"] = lambda x, n: models._classifier(keras.layers.Flatten()(x), n)
 data, out = Path(sys.argv[1]), Path(sys.argv[2])
 runs = {}
-for arch, strategy, epochs in json.loads(sys.argv[3]):
+for arch, strategy, epochs, lookahead in json.loads(sys.argv[3]):
     keras.utils.set_random_seed(0)
     name = f"{arch}-{strategy}"
     runs[name] = scratch.train_scratch(
         records_dir=data / "records", prepared_dir=data / "prepared", model_path=out / f"{name}.keras",
         live_dir=out / name, checkpoint_dir=None, arch=arch, fast_width=64, epochs=epochs, batch_size=32,
         optimizer="sgd", lr=0.002, momentum=0.9, weight_decay=0.0, muon_lr=0.002, muon_momentum=0.6,
-        lookahead=0.0, label_smoothing=0.0, schedule="cosine",
+        lookahead=lookahead, label_smoothing=0.0, schedule="cosine",
         warmup_epochs=0, patience=5, online_flip="none", online_shift_px=0, online_cutout_px=0, fit_on="train",
         precision="float32", strategy=strategy, seed=0)
 print("RUNS " + json.dumps(runs))
@@ -63,14 +64,15 @@ def _train_in_child(data: Path, out: Path, runs: list) -> tuple[dict, str]:
 
 
 def test_mirrored_over_two_logical_cpus_follows_one_device(training_data, tmp_path):
-    runs, output = _train_in_child(training_data, tmp_path, [("linear", "auto", 3), ("linear", "mirrored", 3)])
+    runs, output = _train_in_child(training_data, tmp_path,
+                                   [("linear", "auto", 3, 0.5), ("linear", "mirrored", 3, 0.5)])
     assert "linear in float32 on 2 replicas" in output
     one, two = runs["linear-auto"], runs["linear-mirrored"]
     np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-4)
     np.testing.assert_allclose(two["val_loss"], one["val_loss"], rtol=1e-4)
     assert one["loss"][-1] < one["loss"][0]
     # The fast net (fused BatchNorm, per replica) trains and saves under MirroredStrategy too.
-    runs, _ = _train_in_child(training_data, tmp_path, [("fast", "mirrored", 1)])
+    runs, _ = _train_in_child(training_data, tmp_path, [("fast", "mirrored", 1, 0.0)])
     assert np.isfinite(runs["fast-mirrored"]["loss"]).all()
     model = saved_models.load_model(tmp_path / "fast-mirrored.keras")
     assert model.predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0).shape == (2, 10)
