@@ -35,12 +35,12 @@ BURST_STEPS, READ_BATCHES = 12, 200
 RESULT = "RESULT "  # marks the worker's answers among anything else written to stdout
 
 
-def train_params(arch: str | None = None) -> dict:
+def train_params(arch: str | None = None, fast_width: int | None = None) -> dict:
     cfg = params_lib.load("params.yaml")["train"]  # validated, as the stages read it
-    return {**cfg, "arch": arch or cfg["arch"]}
+    return {**cfg, "arch": arch or cfg["arch"], "fast_width": fast_width or cfg["fast_width"]}
 
 
-def _trainer(mode: str, records: str, prepared: str, arch: str | None):
+def _trainer(mode: str, records: str, prepared: str, arch: str | None, fast_width: int | None = None):
     """Build the model and its data once; return a function that trains one burst and gives images/s."""
     import keras
     import numpy as np
@@ -50,7 +50,7 @@ def _trainer(mode: str, records: str, prepared: str, arch: str | None):
     from cifar_pipeline.prepare import load_meta, load_split
     from cifar_pipeline.train import compute_policy
 
-    cfg = train_params(arch)
+    cfg = train_params(arch, fast_width)
     batch = cfg["batch_size"]
     if mode == "deterministic":
         import tensorflow as tf
