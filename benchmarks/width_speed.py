@@ -9,7 +9,8 @@ one burst each per round, the project's way (oneDNN, `train.precision`, batches 
 shards, as in throughput.py), so every width sees the same machine load. Prints each burst's
 images/s, each width's median, its median step-time ratio to the first width (per round, the figure
 to trust on a noisy machine), and the epochs it gets in the time of `train.epochs` of the first
-width. Needs the outputs of the prepare and augment stages.
+width. The models are timed with plain SGD (as in throughput.py), whatever `train.optimizer` is.
+Needs the outputs of the prepare and augment stages.
 """
 from __future__ import annotations
 
@@ -31,10 +32,13 @@ def main() -> None:
     args = parser.parse_args()
 
     timers = {width: _trainer("project", args.records, args.prepared, None, width) for width in args.widths}
-    print(f"machine: {cpu_summary()}; {os.cpu_count()} logical CPUs", flush=True)
+    import keras  # imported by _trainer; the policy it set is the one every width trains in
+
+    print(f"machine: {cpu_summary()}; {os.cpu_count()} logical CPUs; training dtypes: "
+          f"{keras.mixed_precision.global_policy().name}", flush=True)
     speeds: dict[int, list[float]] = {width: [] for width in args.widths}
     for round_ in range(args.rounds):
-        # Rotate who goes first, so no width always follows the same one.
+        # Rotate who goes first, so each width leads in turn (the cyclic order stays the same).
         order = args.widths[round_ % len(args.widths):] + args.widths[:round_ % len(args.widths)]
         for width in order:
             speeds[width].append(timers[width]())
