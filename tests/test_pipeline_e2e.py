@@ -176,17 +176,17 @@ def test_queued_sweep_runs_two_experiments_at_once(repo):
     _git(repo, "add", "-A")
     _git(repo, "commit", "-qm", "resumed run", "--allow-empty")
     # Up to the scores: the sweep compares accuracies, and the exports would only add minutes here.
-    _run(["dvc", "exp", "run", "--queue", "-S", "train.lr=0.05,0.1", "evaluate@scratch"], repo)
+    # Neither value is the committed one (0.05, from the experiment of the first test), so both runs
+    # train: a run with nothing to do ends in seconds, and the first worker up then takes both.
+    _run(["dvc", "exp", "run", "--queue", "-S", "train.lr=0.1,0.2", "evaluate@scratch"], repo)
     # One thread per TensorFlow pool in each run, so the two runs share the cores instead of fighting.
     # Not through _run: the queue's workers keep its output pipes open until the queue is empty.
     started = subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env={**_env(), "TF_NUM_INTRAOP_THREADS": "1",
                                                               "TF_NUM_INTEROP_THREADS": "1"})
     assert started.returncode == 0
-    # Each poll is a whole dvc process. Polled every 0.5 s they took much of two cores, and once the
-    # two runs went one after the other, likely because the second worker came up only after the first
-    # had finished a run and taken the other; a failure shows the workers' logs. (Workers cannot be
-    # started before the runs are queued: an idle one quits after 10 s.)
+    # Every 3 s: each poll is a whole dvc process, which the two runs would otherwise share the cores
+    # with. A failure shows the workers' logs: when each came up and which runs it took.
     most_running, deadline = 0, time.monotonic() + 600
     while time.monotonic() < deadline:
         status = _run(["dvc", "queue", "status"], repo).stdout
@@ -202,7 +202,7 @@ def test_queued_sweep_runs_two_experiments_at_once(repo):
             data = experiment["revs"][0]["data"]
             lr = data["params"]["params.yaml"]["data"]["train"]["lr"]
             accuracies[lr] = data["metrics"]["metrics/scratch.json"]["data"]["accuracy"]
-    assert set(accuracies) == {0.05, 0.1}
+    assert set(accuracies) == {0.1, 0.2}
 
 
 def _worker_logs(repo):
