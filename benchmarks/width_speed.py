@@ -46,10 +46,10 @@ def main() -> None:
               + " images/s", flush=True)
     base, epochs = args.widths[0], train_params()["epochs"]
     for width in args.widths:
-        ratio = statistics.median(b / s for b, s in zip(speeds[base], speeds[width]))
+        ratios = [b / s for b, s in zip(speeds[base], speeds[width])]  # per round: the same machine load
+        ratio = statistics.median(ratios)
         print(f"width {width}: median {statistics.median(speeds[width]):.0f} images/s; step time x{ratio:.3f} "
-              f"of width {base} (per round: min x{min(b / s for b, s in zip(speeds[base], speeds[width])):.3f}, "
-              f"max x{max(b / s for b, s in zip(speeds[base], speeds[width])):.3f}); "
+              f"of width {base} (per round: min x{min(ratios):.3f}, max x{max(ratios):.3f}); "
               f"{epochs / ratio:.1f} epochs in the time of {epochs} at width {base}")
 
 
