@@ -13,7 +13,8 @@ def main() -> None:
     args = parser.parse_args()
     data = stage.load_params(args)["data"]
     meta = prepare(args.archive, args.out, dataset=data["dataset"], label_mode=data["label_mode"],
-                   val_fraction=data["val_fraction"], limit=data["limit"], seed=data["seed"])
+                   val_fraction=data["val_fraction"], limit=data["limit"], test_limit=data["test_limit"],
+                   seed=data["seed"])
     train = load_split(args.out, "train", mmap=True)
     plots.samples_per_class(train.images, train.labels, meta["class_names"], args.samples_png)
     print(f"prepare: {meta['sizes']} images, {len(meta['class_names'])} classes, "

@@ -53,3 +53,19 @@ def test_a_split_too_small_for_every_class_says_what_to_change(cifar100_archive,
     with pytest.raises(PipelineError, match="raise data.limit or change data.val_fraction"):
         prepare(path, tmp_path / "p", "cifar100", "fine", val_fraction=0.1, limit=None, seed=0)
     assert not (tmp_path / "p").exists()
+
+
+def test_test_limit_caps_test_images_keeping_classes(cifar10_archive, tmp_path):
+    path, _ = cifar10_archive
+    meta = prepare(path, tmp_path / "p", "cifar10", "fine", val_fraction=0.1, limit=None, seed=0, test_limit=20)
+    assert meta["sizes"] == {"train": 270, "val": 30, "test": 20}
+    assert np.bincount(load_split(tmp_path / "p", "test").labels).tolist() == [2] * 10
+
+
+@pytest.mark.parametrize("key", ["limit", "test_limit"])
+def test_a_cap_below_the_class_count_names_its_setting(cifar100_archive, tmp_path, key):
+    path, _ = cifar100_archive
+    with pytest.raises(PipelineError, match=f"data.{key}=50 cannot keep one image of each of the 100 classes"):
+        prepare(path, tmp_path / "p", "cifar100", "fine", val_fraction=0.1, seed=0,
+                **{"limit": None, "test_limit": None, key: 50})
+    assert not (tmp_path / "p").exists()

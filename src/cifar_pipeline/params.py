@@ -61,6 +61,7 @@ class Data(Section):
     md5: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] | None
     val_fraction: _range(float, 0, 0.5, low_open=True)
     limit: _range(int, 20) | None
+    test_limit: _range(int, 20) | None
     seed: Seed
 
 

@@ -19,10 +19,15 @@ from cifar_pipeline.errors import PipelineError
 SPLITS = ("train", "val", "test")
 
 
-def stratified_subset(split: Split, size: int, seed: int) -> Split:
-    """`size` images of `split` keeping its class proportions."""
+def stratified_subset(split: Split, size: int, seed: int, param: str) -> Split:
+    """`size` images of `split` keeping its class proportions; `param` names the setting
+    of `size` for the error when it cannot hold one image of each class."""
     if size >= len(split.labels):
         return split
+    num_classes = len(np.unique(split.labels))
+    if size < num_classes:
+        raise PipelineError(f"{param}={size} cannot keep one image of each of the {num_classes} classes: "
+                            f"raise {param} to at least {num_classes}")
     keep, _ = train_test_split(np.arange(len(split.labels)), train_size=size,
                                stratify=split.labels, random_state=seed)
     keep.sort()
@@ -53,10 +58,13 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 
 
 def prepare(archive: Path, out_dir: Path, dataset: str, label_mode: str, val_fraction: float,
-            limit: int | None, seed: int) -> dict:
-    """Read the archive, split off validation, write arrays and meta; return the meta."""
+            limit: int | None, seed: int, test_limit: int | None = None) -> dict:
+    """Read the archive, split off validation, write arrays and meta; return the meta.
+    `limit` and `test_limit` cap the training and test images (None: all), each a
+    stratified, seeded subset."""
     raw = load_dataset(archive, dataset, label_mode)
-    full_train = raw.train if limit is None else stratified_subset(raw.train, limit, seed)
+    full_train = raw.train if limit is None else stratified_subset(raw.train, limit, seed, "data.limit")
+    test = raw.test if test_limit is None else stratified_subset(raw.test, test_limit, seed, "data.test_limit")
     train, val = split_validation(full_train, val_fraction, seed)
     mean, std = channel_stats(train.images)
     meta = {
@@ -65,11 +73,11 @@ def prepare(archive: Path, out_dir: Path, dataset: str, label_mode: str, val_fra
         "class_names": raw.class_names,
         "mean": mean,
         "std": std,
-        "sizes": {"train": len(train.labels), "val": len(val.labels), "test": len(raw.test.labels)},
+        "sizes": {"train": len(train.labels), "val": len(val.labels), "test": len(test.labels)},
     }
     if raw.superclasses is not None:
         meta["superclasses"] = raw.superclasses
-    splits = {"train": train, "val": val, "test": raw.test}
+    splits = {"train": train, "val": val, "test": test}
     arrays = {}
     for name, split in splits.items():
         arrays[f"{name}_images"] = split.images
