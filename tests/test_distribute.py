@@ -43,7 +43,7 @@ for arch, strategy, epochs, lookahead in json.loads(sys.argv[3]):
     name = f"{arch}-{strategy}"
     runs[name] = scratch.train_scratch(
         records_dir=data / "records", prepared_dir=data / "prepared", model_path=out / f"{name}.keras",
-        live_dir=out / name, checkpoint_dir=None, arch=arch, fast_width=64, epochs=epochs, batch_size=32,
+        live_dir=out / name, checkpoint_dir=None, arch=arch, fast_width=16, epochs=epochs, batch_size=32,
         optimizer="sgd", lr=0.002, momentum=0.9, weight_decay=0.0, muon_lr=0.002, muon_momentum=0.6,
         lookahead=lookahead, label_smoothing=0.0, schedule="cosine",
         warmup_epochs=0, patience=5, online_flip="none", online_shift_px=0, online_cutout_px=0, fit_on="train",
@@ -92,7 +92,7 @@ def _start_cluster(tmp_path: Path, training_data: Path, epochs: int) -> list[sub
     """Both workers of a 2-process cluster running the train stage, each in its own tmp_path/worker<i>
     with its own temporary directory tmp_path/tmp<i>."""
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    params["train"].update(epochs=epochs, batch_size=32, warmup_epochs=0, precision="float32",
+    params["train"].update(epochs=epochs, batch_size=32, fast_width=16, warmup_epochs=0, precision="float32",
                            strategy="multi_worker")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}

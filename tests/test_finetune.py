@@ -190,9 +190,6 @@ def stage_data(training_data, tmp_path_factory):
 
 
 def test_killed_fine_tuning_resumes_and_ends_as_an_uninterrupted_run(stage_data, tmp_path):
-    (tmp_path / "whole").mkdir()
-    finish(_start(stage_data, tmp_path / "whole"))
-    assert (tmp_path / "whole" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     (tmp_path / "killed").mkdir()
     process = _start(stage_data, tmp_path / "killed")
     deadline = time.monotonic() + 300
@@ -206,12 +203,14 @@ def test_killed_fine_tuning_resumes_and_ends_as_an_uninterrupted_run(stage_data,
     output = finish(_start(stage_data, tmp_path / "killed"))
     assert f"resuming after epoch {killed_after}" in output
     # The log holds every epoch once; the epochs before the kill are the checkpoint's, replayed.
-    # Later ones match an uninterrupted run closely but not bit for bit: the head's Dropout draws
-    # its masks from a seed generator whose state Keras keeps outside the weights.
-    resumed, whole = _logged(tmp_path / "killed"), _logged(tmp_path / "whole")
-    assert [row[0] for row in resumed] == [row[0] for row in whole] == ["step", "0", "1", "2"]
+    # Later ones match an uninterrupted run closely but not bit for bit (the head's Dropout draws
+    # its masks from a seed generator whose state Keras keeps outside the weights), so the values
+    # are not compared here: tests/test_resume.py compares a deterministic scratch run bit for bit.
+    assert [row[0] for row in _logged(tmp_path / "killed")] == ["step", "0", "1", "2"]
     summary = json.loads((tmp_path / "killed" / "live" / "metrics.json").read_text())
-    assert summary["step"] == EPOCHS - 1 and len(summary) == len(json.loads(
-        (tmp_path / "whole" / "live" / "metrics.json").read_text()))
+    # All an uninterrupted run writes (nothing validated: fit_on is train+val), timings included.
+    assert set(summary) == {"train", "step", "best_epoch", "epoch_time_s", "train_time_s", "images_per_s"}
+    assert summary["step"] == EPOCHS - 1 and summary["best_epoch"] == EPOCHS
+    assert (tmp_path / "killed" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert load_model(tmp_path / "killed" / "transfer.keras").output_shape == (None, 10)
     assert not (tmp_path / "killed" / "checkpoint").exists()
